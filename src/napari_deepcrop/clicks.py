@@ -1,0 +1,55 @@
+"""The one click encoding, used by training and inference alike.
+
+The report's full-image inference failed because the distance plane was normalised one way in training and
+another at inference. Here the planes are always computed in network-input pixels of a crop, by this function
+only, and normalised by the input size: what the network sees does not depend on the size of the image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import DeepCropConfig
+
+
+def encode_clicks(
+    points: np.ndarray,
+    labels: np.ndarray,
+    config: DeepCropConfig,
+    prev_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Turn clicks in network-input pixels into the model's click planes, shape (config.click_planes, S, S).
+
+    ``points``: (N, 2) (row, col) in input pixels (they may lie outside the crop); ``labels``: (N,) 1 positive,
+    0 negative. Each click kind has one plane: the distance to the nearest click of that kind divided by half
+    the input size, clipped to [0, 1] (1 where there is no click of that kind). ``prev_mask``: (S, S) mask of
+    the current object in the crop, or None (zeros).
+    """
+    size = config.input_size
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    labels = np.asarray(labels).reshape(-1)
+    if len(points) != len(labels):
+        raise ValueError(f"{len(points)} points but {len(labels)} labels")
+    planes = []
+    if config.positive_clicks:
+        planes.append(_distance_plane(points[labels == 1], size))
+    if config.negative_clicks:
+        planes.append(_distance_plane(points[labels == 0], size))
+    if config.prev_mask:
+        if prev_mask is None:
+            planes.append(np.zeros((size, size), np.float32))
+        else:
+            if prev_mask.shape != (size, size):
+                raise ValueError(f"prev_mask must be {size}x{size}, got {prev_mask.shape}")
+            planes.append(prev_mask.astype(np.float32))
+    return np.stack(planes) if planes else np.zeros((0, size, size), np.float32)
+
+
+def _distance_plane(points: np.ndarray, size: int) -> np.ndarray:
+    if len(points) == 0:
+        return np.ones((size, size), np.float32)
+    grid = np.arange(size, dtype=np.float32)
+    d2_rows = (grid[None, :] - points[:, :1]) ** 2  # (N, S)
+    d2_cols = (grid[None, :] - points[:, 1:]) ** 2
+    d2 = (d2_rows[:, :, None] + d2_cols[:, None, :]).min(axis=0)
+    return np.minimum(np.sqrt(d2) / (size / 2), 1.0).astype(np.float32)

@@ -1,0 +1,121 @@
+"""Square crops: image region -> network input, and network logits -> image mask.
+
+Training and inference both cut their inputs with :func:`read_crop`, so the network sees the same geometry,
+padding and resampling in both. A crop may extend past the image border (padded with zeros); large crops are
+read with a stride, so reading one costs about the output size, not the crop size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A square region of an image: top-left (row0, col0) and side, in image pixels; index i spans [i, i+1)."""
+
+    row0: float
+    col0: float
+    side: float
+
+    @classmethod
+    def centered(cls, center: tuple[float, float], side: float) -> Crop:
+        """The crop of ``side`` whose centre is the centre of pixel ``center`` = (row, col)."""
+        return cls(center[0] + 0.5 - side / 2, center[1] + 0.5 - side / 2, float(side))
+
+    def to_input(self, points: np.ndarray, size: int) -> np.ndarray:
+        """Image pixel indices (N, 2) -> input pixel indices, for a crop resized to ``size``."""
+        scale = size / self.side
+        origin = np.array([self.row0, self.col0], np.float32)
+        return (np.asarray(points, np.float32).reshape(-1, 2) + 0.5 - origin) * scale - 0.5
+
+    def bounds(self, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+        """The crop's pixel range clipped to an image of ``shape``: (r0, r1, c0, c1), possibly empty."""
+        r0, c0 = max(0, math.floor(self.row0)), max(0, math.floor(self.col0))
+        r1 = min(shape[0], math.ceil(self.row0 + self.side))
+        c1 = min(shape[1], math.ceil(self.col0 + self.side))
+        return r0, max(r0, r1), c0, max(c0, c1)
+
+
+def read_crop(
+    image: np.ndarray,
+    crop: Crop,
+    size: int,
+    to_float: Callable[[np.ndarray], np.ndarray] | None = None,
+    interpolation: int = cv2.INTER_LINEAR,
+) -> np.ndarray:
+    """Resample ``crop`` of ``image`` (H, W[, C], any array supporting strided slicing) to (size, size[, C]).
+
+    Only the crop's own pixels are read, with a stride when the crop is over twice the output size.
+    ``to_float`` converts the read region to float32 (e.g. contrast normalisation); outside the image is 0.
+    """
+    scale = size / crop.side
+    step = max(1, int(1 / (2 * scale)))
+    r0, r1, c0, c1 = crop.bounds(image.shape[:2])
+    if r1 <= r0 or c1 <= c0:
+        return np.zeros((size, size, *image.shape[2:]), np.float32)
+    region = np.asarray(image[r0:r1:step, c0:c1:step])
+    region = to_float(region) if to_float is not None else region.astype(np.float32)
+    # output index i -> image coordinate crop.row0 + (i + 0.5) / scale -> region index (x - r0) / step - 0.5
+    m = np.array(
+        [
+            [1 / (scale * step), 0, (crop.col0 + 0.5 / scale - c0) / step - 0.5],
+            [0, 1 / (scale * step), (crop.row0 + 0.5 / scale - r0) / step - 0.5],
+        ]
+    )
+    out = cv2.warpAffine(
+        np.ascontiguousarray(region),
+        m,
+        (size, size),
+        flags=interpolation | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+    return out.reshape(size, size, *image.shape[2:])
+
+
+def paste_logits(
+    logits: np.ndarray, crop: Crop, shape: tuple[int, int]
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resize crop logits (S, S) to image resolution and threshold them, only over the mask's bounding box.
+
+    Returns (mask of the bounding box, (row0, col0) of that box in the image); an empty (0, 0) mask when nothing
+    is foreground. Nothing of image size is allocated.
+    """
+    size = logits.shape[0]
+    scale = size / crop.side
+    fg_rows, fg_cols = np.nonzero((logits > 0).any(axis=1))[0], np.nonzero((logits > 0).any(axis=0))[0]
+    if len(fg_rows) == 0:
+        return np.zeros((0, 0), bool), (0, 0)
+    # foreground input pixels (with one pixel of margin for interpolation) -> image pixel range
+    r0 = max(0, math.floor(crop.row0 + (fg_rows[0] - 1) / scale))
+    c0 = max(0, math.floor(crop.col0 + (fg_cols[0] - 1) / scale))
+    r1 = min(shape[0], math.ceil(crop.row0 + (fg_rows[-1] + 2) / scale))
+    c1 = min(shape[1], math.ceil(crop.col0 + (fg_cols[-1] + 2) / scale))
+    if r1 <= r0 or c1 <= c0:
+        return np.zeros((0, 0), bool), (0, 0)
+    # image index y -> input index (y + 0.5 - crop.row0) * scale - 0.5
+    m = np.array(
+        [
+            [scale, 0, (c0 + 0.5 - crop.col0) * scale - 0.5],
+            [0, scale, (r0 + 0.5 - crop.row0) * scale - 0.5],
+        ]
+    )
+    up = cv2.warpAffine(
+        logits.astype(np.float32),
+        m,
+        (c1 - c0, r1 - r0),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    mask = up > 0
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if len(rows) == 0:
+        return np.zeros((0, 0), bool), (0, 0)
+    mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return mask, (r0 + int(rows[0]), c0 + int(cols[0]))

@@ -1,0 +1,206 @@
+"""DeepCropV2: DeepMask with click planes, and its better variants as configurations of one class.
+
+The report's network is DeepMask (a ResNet trunk truncated after its stride-16 stage, a mask branch and a score
+branch) whose first convolution takes one more plane: the distance from the clicked pixel. ``head="deepmask"``
+keeps that faithful variant (a coarse 56x56 mask from fully connected layers, upsampled); ``head="refine"`` adds
+the SharpMask-style top-down refinement that the report names as future work, giving a full-resolution mask.
+Negative clicks and the previous mask are further input planes (RITM-style corrective clicks); the score head
+predicts the IoU of the network's own mask, so that the predictor can pick the best crop scale by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet
+
+TRUNKS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50}
+TRUNK_WEIGHTS = {
+    "resnet18": resnet.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": resnet.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": resnet.ResNet50_Weights.IMAGENET1K_V2,
+}
+HEADS = ("deepmask", "refine")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DeepCropConfig:
+    """Everything needed to rebuild a DeepCropV2; stored as a plain dict in every checkpoint.
+
+    ``positive_clicks=False`` is DeepMask itself (no click plane), the report's baseline.
+    """
+
+    trunk: str = "resnet18"
+    head: str = "refine"
+    input_size: int = 160
+    positive_clicks: bool = True
+    negative_clicks: bool = True
+    prev_mask: bool = True
+    deepmask_coarse: int = 56
+    decoder_width: int = 32
+
+    def __post_init__(self) -> None:
+        if self.trunk not in TRUNKS:
+            raise ValueError(f"trunk must be one of {sorted(TRUNKS)}, got {self.trunk!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.input_size % 16 or self.input_size < 64:
+            raise ValueError(f"input_size must be a multiple of 16 and >= 64, got {self.input_size}")
+        if self.negative_clicks and not self.positive_clicks:
+            raise ValueError("negative_clicks needs positive_clicks")
+
+    @property
+    def click_planes(self) -> int:
+        return int(self.positive_clicks) + int(self.negative_clicks) + int(self.prev_mask)
+
+    @property
+    def in_channels(self) -> int:
+        return 3 + self.click_planes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DeepCropConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown DeepCropConfig keys: {sorted(unknown)}")
+        return cls(**values)
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _Trunk(nn.Module):
+    """A torchvision ResNet cut after layer3 (stride 16), as DeepMask cuts its trunk, returning each stage."""
+
+    def __init__(self, config: DeepCropConfig, pretrained: str | None) -> None:
+        super().__init__()
+        weights = TRUNK_WEIGHTS[config.trunk] if pretrained == "imagenet" else None
+        if pretrained not in (None, "imagenet"):
+            raise ValueError(f"pretrained must be None or 'imagenet', got {pretrained!r}")
+        net = TRUNKS[config.trunk](weights=weights)
+        self.conv1 = _widen_first_conv(net.conv1, config.in_channels)
+        self.stem = nn.Sequential(net.bn1, net.relu)
+        self.pool = net.maxpool
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.channels = [
+            net.bn1.num_features,
+            _out_channels(net.layer1),
+            _out_channels(net.layer2),
+            _out_channels(net.layer3),
+        ]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        s2 = self.stem(self.conv1(x))
+        s4 = self.layer1(self.pool(s2))
+        s8 = self.layer2(s4)
+        s16 = self.layer3(s8)
+        return [s2, s4, s8, s16]
+
+
+def _out_channels(layer: nn.Sequential) -> int:
+    block = layer[-1]
+    return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
+
+
+def _widen_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """Give the first convolution extra input planes, keeping (pretrained) RGB filters; click filters start at 0.
+
+    Zero-initialised click filters mean an ImageNet trunk starts out exactly as pretrained (as
+    segmentation_models_pytorch's patch_first_conv does for extra channels).
+    """
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :3] = conv.weight
+        if in_channels > 3:
+            nn.init.normal_(new.weight[:, 3:], std=0.01)
+    return new
+
+
+class _DeepMaskHead(nn.Module):
+    """DeepMask's mask branch: 1x1 conv, a fully connected bottleneck, then a coarse mask, upsampled."""
+
+    def __init__(self, cin: int, feat_size: int, coarse: int) -> None:
+        super().__init__()
+        self.coarse = coarse
+        self.reduce = nn.Sequential(nn.Conv2d(cin, 128, 1), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(128 * feat_size * feat_size, 512), nn.ReLU(inplace=True))
+        self.mask = nn.Linear(512, coarse * coarse)
+
+    def forward(self, feats: list[torch.Tensor], size: int) -> torch.Tensor:
+        coarse = self.mask(self.fc(self.reduce(feats[-1]))).view(-1, 1, self.coarse, self.coarse)
+        return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class _RefineHead(nn.Module):
+    """SharpMask-style top-down refinement: each stage merges the upsampled mask features with a skip."""
+
+    def __init__(self, channels: list[int], width: int) -> None:
+        super().__init__()
+        w = width
+        self.top = _conv_bn_relu(channels[-1], 4 * w)
+        self.skips = nn.ModuleList(_conv_bn_relu(c, s) for c, s in zip(channels[:-1], (w, 2 * w, 2 * w)))
+        self.merges = nn.ModuleList(
+            _conv_bn_relu(cin + s, cout) for cin, s, cout in ((4 * w, 2 * w, 2 * w), (2 * w, 2 * w, w), (w, w, w))
+        )
+        self.out = nn.Conv2d(w, 1, 3, padding=1)
+
+    def forward(self, feats: list[torch.Tensor], size: int) -> torch.Tensor:
+        x = self.top(feats[-1])
+        for feat, skip, merge in zip(reversed(feats[:-1]), reversed(self.skips), self.merges):
+            x = F.interpolate(x, size=feat.shape[-2:], mode="bilinear", align_corners=False)
+            x = merge(torch.cat([x, skip(feat)], dim=1))
+        return F.interpolate(self.out(x), size=(size, size), mode="bilinear", align_corners=False)
+
+
+class _ScoreHead(nn.Module):
+    """Predicts the IoU of the network's own mask from the trunk features and the mask it produced."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(cin + 2, 256), nn.ReLU(inplace=True), nn.Linear(256, 1))
+
+    def forward(self, feat: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        prob = torch.sigmoid(mask_logits.detach())
+        mask_stats = torch.stack([prob.mean(dim=(1, 2, 3)), (prob * (1 - prob)).mean(dim=(1, 2, 3)) * 4], dim=1)
+        pooled = torch.cat([feat.mean(dim=(2, 3)), mask_stats], dim=1)
+        return self.fc(pooled).squeeze(1)
+
+
+class DeepCropV2(nn.Module):
+    """Image + click planes (B, 3 + click_planes, S, S) -> mask logits (B, 1, S, S) and score logits (B,)."""
+
+    def __init__(self, config: DeepCropConfig | None = None, pretrained: str | None = None) -> None:
+        super().__init__()
+        self.config = config or DeepCropConfig()
+        self.trunk = _Trunk(self.config, pretrained)
+        feat_size = self.config.input_size // 16
+        if self.config.head == "deepmask":
+            self.mask_head: nn.Module = _DeepMaskHead(self.trunk.channels[-1], feat_size, self.config.deepmask_coarse)
+        else:
+            self.mask_head = _RefineHead(self.trunk.channels, self.config.decoder_width)
+        self.score_head = _ScoreHead(self.trunk.channels[-1])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor, click_planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image``: RGB in [0, 1]; ``click_planes``: from :func:`napari_deepcrop.clicks.encode_clicks`."""
+        size = self.config.input_size
+        if image.shape[-2:] != (size, size) or click_planes.shape[-2:] != (size, size):
+            raise ValueError(f"inputs must be {size}x{size}, got {tuple(image.shape)} and {tuple(click_planes.shape)}")
+        if click_planes.shape[1] != self.config.click_planes:
+            raise ValueError(f"expected {self.config.click_planes} click planes, got {click_planes.shape[1]}")
+        x = torch.cat([(image - self.mean) / self.std, click_planes], dim=1)
+        feats = self.trunk(x)
+        mask_logits = self.mask_head(feats, size)
+        return mask_logits, self.score_head(feats[-1], mask_logits)

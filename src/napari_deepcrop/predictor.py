@@ -1,0 +1,248 @@
+"""DeepCropPredictor: numpy in, numpy out, whole images of any size.
+
+The network only ever sees square crops around the clicks, resized to its input size, with the click planes of
+:func:`napari_deepcrop.clicks.encode_clicks`, exactly as in training. A first click sends crops at several
+scales through the network in one batch and keeps the one whose score (predicted IoU) is best; a refinement
+crops around the current mask and all clicks. Time and memory depend on the crop, not on the image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .clicks import encode_clicks
+from .crops import Crop, paste_logits, read_crop
+from .model import DeepCropV2
+
+MIN_CROP_SIDE = 64
+# training draws object extent / crop side in [0.3, 1.4]; a refinement crop puts the current object at this ratio
+REFINE_RATIO = 0.6
+STATS_PIXELS = 1_000_000
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """None or "auto": CUDA when available, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU (use 'cpu' or 'auto')")
+    return device
+
+
+@dataclass
+class ImageSource:
+    """A 2D image as the network sees it: 3 channels, float32 in [0, 1], read region by region.
+
+    Holds a reference to the array, never a converted copy, so a 10,000 x 10,000 (or dask/zarr-backed) image
+    costs no memory beyond the crops read from it. Contrast limits come from the caller (napari's layer) or
+    from percentiles of a strided subsample.
+    """
+
+    array: np.ndarray
+    channels: tuple[int, ...]
+    low: float
+    high: float
+
+    @classmethod
+    def from_array(
+        cls,
+        image: np.ndarray,
+        contrast_limits: tuple[float, float] | None = None,
+        channels: tuple[int, ...] | None = None,
+    ) -> ImageSource:
+        if not hasattr(image, "shape") or not hasattr(image, "dtype"):
+            image = np.asarray(image)
+        if image.ndim not in (2, 3):
+            raise ValueError(
+                f"image must be 2D (H, W) or (H, W, C), got shape {tuple(image.shape)}; for stacks pass one slice"
+            )
+        if image.shape[0] < 2 or image.shape[1] < 2:
+            raise ValueError(f"image is too small to segment: shape {tuple(image.shape)}")
+        if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+            raise ValueError(f"image must be numeric, got dtype {image.dtype}")
+        n_channels = 1 if image.ndim == 2 else image.shape[2]
+        if channels is None:
+            channels = (0, 1, 2) if n_channels in (3, 4) else tuple(range(min(n_channels, 3)))
+        if not channels or len(channels) > 3 or any(not 0 <= c < n_channels for c in channels):
+            raise ValueError(f"channels must be 1 to 3 indices below {n_channels}, got {channels}")
+        if contrast_limits is None:
+            contrast_limits = _auto_contrast(image, channels)
+        low, high = (float(v) for v in contrast_limits)
+        if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+            raise ValueError(
+                f"the image has no contrast to segment (contrast limits {low:g}..{high:g}): "
+                "it is empty, constant, or all NaN"
+            )
+        return cls(image, tuple(channels), low, high)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.array.shape[:2])
+
+    def to_float(self, region: np.ndarray) -> np.ndarray:
+        """A region of the raw array -> (h, w, 3) float32 in [0, 1]; NaNs become 0."""
+        region = np.asarray(region)
+        if region.ndim == 3:
+            region = region[..., list(self.channels)]
+        else:
+            region = region[..., None]
+        out = (region.astype(np.float32) - self.low) / (self.high - self.low)
+        np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0, out=out)
+        if out.shape[-1] == 3:
+            return out
+        if out.shape[-1] == 1:
+            return np.repeat(out, 3, axis=-1)
+        return np.concatenate([out, np.zeros_like(out[..., :1])], axis=-1)
+
+
+def _auto_contrast(image: np.ndarray, channels: tuple[int, ...]) -> tuple[float, float]:
+    if image.dtype == np.uint8:
+        return 0.0, 255.0
+    if image.dtype == bool:
+        return 0.0, 1.0
+    step = max(1, int(math.sqrt(image.shape[0] * image.shape[1] / STATS_PIXELS)))
+    sample = np.asarray(image[::step, ::step]).astype(np.float32)
+    if sample.ndim == 3:
+        sample = sample[..., list(channels)]
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        return math.nan, math.nan
+    low, high = np.percentile(finite, [0.5, 99.5])
+    if high <= low:  # a few bright objects on a flat background: fall back to the full range
+        low, high = float(finite.min()), float(finite.max())
+    return float(low), float(high)
+
+
+class DeepCropPredictor:
+    """Click-to-mask segmentation with a DeepCropV2; (row, col) coordinates in image pixels.
+
+    >>> p = DeepCropPredictor.from_checkpoint()
+    >>> p.set_image(image)
+    >>> mask, score = p.predict(np.array([[120, 200]]), np.array([1]))
+    """
+
+    def __init__(self, model: DeepCropV2, device: str | torch.device | None = None) -> None:
+        self.device = pick_device(device)
+        self.model = model.eval().to(self.device)
+        self.config = model.config
+        self._source: ImageSource | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None
+    ) -> DeepCropPredictor:
+        """Load a checkpoint (None: the bundled default) onto ``device`` (None: CUDA when available, else CPU)."""
+        model, _ = load_checkpoint(path)
+        return cls(model, device)
+
+    def set_image(
+        self,
+        image: np.ndarray,
+        contrast_limits: tuple[float, float] | None = None,
+        channels: tuple[int, ...] | None = None,
+    ) -> None:
+        """(H, W) or (H, W, C), any numeric dtype; RGBA drops alpha; other channel counts take ``channels``."""
+        self._source = ImageSource.from_array(image, contrast_limits, channels)
+
+    def reset_image(self) -> None:
+        self._source = None
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self._require_image().shape
+
+    def predict(
+        self,
+        points: np.ndarray,
+        labels: np.ndarray,
+        prev_mask: np.ndarray | None = None,
+        return_crop: bool = False,
+    ):
+        """Segment the object the clicks point at.
+
+        Returns (mask (H, W) bool, score), or with ``return_crop`` (mask of its bounding box, (row0, col0),
+        score): the same mask without allocating anything of image size. ``score`` in [0, 1] is the network's
+        own estimate of its IoU.
+        """
+        source = self._require_image()
+        points, labels = self._check_clicks(points, labels, source.shape)
+        if prev_mask is not None:
+            prev_mask = np.asarray(prev_mask)
+            if prev_mask.shape != source.shape:
+                raise ValueError(f"prev_mask must have the image's shape {source.shape}, got {prev_mask.shape}")
+            if not prev_mask.any():
+                prev_mask = None
+        crops = self._candidate_crops(points, labels, prev_mask, source.shape)
+        logits, scores = self._run(source, crops, points, labels, prev_mask)
+        best = int(np.argmax(scores))
+        crop_mask, (row0, col0) = paste_logits(logits[best], crops[best], source.shape)
+        score = float(scores[best])
+        if return_crop:
+            return crop_mask, (row0, col0), score
+        mask = np.zeros(source.shape, bool)
+        mask[row0 : row0 + crop_mask.shape[0], col0 : col0 + crop_mask.shape[1]] = crop_mask
+        return mask, score
+
+    def _require_image(self) -> ImageSource:
+        if self._source is None:
+            raise RuntimeError("no image set: call set_image(image) before predict()")
+        return self._source
+
+    @staticmethod
+    def _check_clicks(points, labels, shape) -> tuple[np.ndarray, np.ndarray]:
+        points = np.asarray(points, dtype=np.float64)
+        labels = np.asarray(labels)
+        if points.ndim != 2 or points.shape[1] != 2:
+            raise ValueError(f"points must be an (N, 2) array of (row, col), got shape {points.shape}")
+        if labels.shape != (len(points),):
+            raise ValueError(f"labels must have shape ({len(points)},) to match points, got {labels.shape}")
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError("labels must be 1 (positive) or 0 (negative)")
+        if not (labels == 1).any():
+            raise ValueError("at least one positive click (label 1) is needed")
+        if not np.isfinite(points).all():
+            raise ValueError("points must be finite")
+        outside = (points < 0).any(axis=1) | (points[:, 0] >= shape[0]) | (points[:, 1] >= shape[1])
+        if outside.any():
+            raise ValueError(f"click {points[outside][0].tolist()} is outside the image of shape {shape}")
+        return points, labels.astype(np.int64)
+
+    def _candidate_crops(self, points, labels, prev_mask, shape) -> list[Crop]:
+        """First click: a geometric series of scales around it; refinement: around the mask and all clicks."""
+        if prev_mask is None:
+            center = points[labels == 1][0]
+            sides, side = [], MIN_CROP_SIDE
+            while side < 2 * max(shape):
+                sides.append(side)
+                side *= 2
+            sides.append(side)
+            return [Crop.centered(center, s) for s in sides]
+        rows, cols = np.nonzero(prev_mask.any(axis=1))[0], np.nonzero(prev_mask.any(axis=0))[0]
+        lo = np.minimum([rows[0], cols[0]], points.min(axis=0))
+        hi = np.maximum([rows[-1], cols[-1]], points.max(axis=0))
+        extent = max(float((hi - lo).max()) + 1, MIN_CROP_SIDE * REFINE_RATIO)
+        center = (lo + hi) / 2
+        return [Crop.centered(center, extent / REFINE_RATIO * f) for f in (1.0, 1.5)]
+
+    @torch.inference_mode()
+    def _run(self, source: ImageSource, crops, points, labels, prev_mask) -> tuple[np.ndarray, np.ndarray]:
+        size = self.config.input_size
+        images, planes = [], []
+        for crop in crops:
+            images.append(read_crop(source.array, crop, size, source.to_float))
+            prev = None
+            if prev_mask is not None and self.config.prev_mask:
+                prev = read_crop(prev_mask, crop, size, lambda m: m.astype(np.float32)) > 0.5
+            planes.append(encode_clicks(crop.to_input(points, size), labels, self.config, prev))
+        image_t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)
+        planes_t = torch.from_numpy(np.stack(planes)).to(self.device)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            mask_logits, score_logits = self.model(image_t, planes_t)
+        return mask_logits[:, 0].float().cpu().numpy(), torch.sigmoid(score_logits.float()).cpu().numpy()
