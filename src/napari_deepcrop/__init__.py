@@ -19,6 +19,8 @@ _PUBLIC = {
     "save_checkpoint": "checkpoint",
     "labels_to_coco": "coco",
     "coco_to_labels": "coco",
+    "write_coco_dataset": "coco",
+    "read_coco_dataset": "coco",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

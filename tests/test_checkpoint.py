@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from napari_deepcrop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from napari_deepcrop.model import DeepCropConfig, DeepCropV2
+from napari_deepcrop.predictor import DeepCropPredictor
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path):
+    config = DeepCropConfig(trunk="resnet18", head="deepmask", input_size=64, negative_clicks=False, prev_mask=False)
+    model = DeepCropV2(config).eval()
+    path = save_checkpoint(tmp_path / "m.pt", model, meta={"note": "test"})
+    loaded, payload = load_checkpoint(path)
+    assert loaded.config == config
+    assert payload["meta"] == {"note": "test"}
+    x, planes = torch.rand(1, 3, 64, 64), torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x, planes)[0], loaded(x, planes)[0])
+    torch.load(path, weights_only=True)  # plain data only
+
+
+def test_half_precision_checkpoint_is_smaller_and_close(tmp_path):
+    model = DeepCropV2(DeepCropConfig(input_size=64)).eval()
+    full = save_checkpoint(tmp_path / "f.pt", model)
+    half = save_checkpoint(tmp_path / "h.pt", model, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = load_checkpoint(half)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        load_checkpoint(missing)
+    good = save_checkpoint(tmp_path / "good.pt", DeepCropV2(DeepCropConfig(input_size=64)))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a napari-deepcrop checkpoint"):
+        load_checkpoint(foreign)
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="text.pt"):
+        load_checkpoint(text)
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", DeepCropV2(DeepCropConfig(input_size=64)))
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["trunk"] = "resnet34"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(path)
+
+
+def test_no_partial_file_when_saving_fails(tmp_path, monkeypatch):
+    model = DeepCropV2(DeepCropConfig(input_size=64))
+    target = save_checkpoint(tmp_path / "m.pt", model)
+    before = target.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(target, model)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_bundled_checkpoint_loads_into_a_predictor():
+    p = DeepCropPredictor.from_checkpoint(device="cpu")
+    p.set_image(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    mask, score = p.predict(np.array([[60, 80]]), np.array([1]))
+    assert mask.shape == (120, 160)

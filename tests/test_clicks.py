@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from napari_deepcrop.clicks import encode_clicks
+from napari_deepcrop.crops import Crop, paste_logits, read_crop
+from napari_deepcrop.model import DeepCropConfig
+
+CONFIG = DeepCropConfig(input_size=64)
+
+
+def test_planes_are_zero_at_the_click_and_grow_with_distance():
+    planes = encode_clicks(np.array([[10.0, 20.0], [40.0, 40.0]]), np.array([1, 0]), CONFIG)
+    assert planes.shape == (3, 64, 64) and planes.dtype == np.float32
+    pos, neg, prev = planes
+    assert pos[10, 20] == 0 and neg[40, 40] == 0
+    assert pos[10, 20 + 16] == pytest.approx(16 / 32)  # distance / (size / 2)
+    assert pos.max() == 1.0 and (prev == 0).all()
+
+
+def test_no_click_of_a_kind_gives_a_plane_of_ones():
+    planes = encode_clicks(np.array([[5.0, 5.0]]), np.array([1]), CONFIG)
+    assert (planes[1] == 1).all()
+
+
+def test_prev_mask_plane_and_shape_check():
+    prev = np.zeros((64, 64), bool)
+    prev[10:20, 10:20] = True
+    planes = encode_clicks(np.array([[15.0, 15.0]]), np.array([1]), CONFIG, prev)
+    assert planes[2].sum() == 100
+    with pytest.raises(ValueError, match="64x64"):
+        encode_clicks(np.array([[15.0, 15.0]]), np.array([1]), CONFIG, np.zeros((32, 32), bool))
+
+
+def test_same_clicks_give_same_planes_in_training_and_inference():
+    """Training samples and the predictor's first crops both centre the crop on the click and encode it alike."""
+    from napari_deepcrop.model import DeepCropV2
+    from napari_deepcrop.predictor import DeepCropPredictor
+    from napari_deepcrop.training.data import make_sample
+
+    image = np.zeros((300, 300, 3), np.uint8)
+    mask = np.zeros((300, 300), bool)
+    mask[100:201, 120:181] = True
+    click = np.array([[150, 150]])  # the rectangle's deepest point: where the protocol (and validation) clicks
+    sample = make_sample(image, mask, CONFIG, np.random.default_rng(0), train=False)
+    predictor = DeepCropPredictor(DeepCropV2(CONFIG))
+    crops = predictor._candidate_crops(click.astype(float), np.array([1]), None, mask.shape)
+    centre = np.array([[31.5, 31.5]])
+    assert np.allclose(sample["clicks"][0, :2].numpy(), centre[0])
+    for crop in crops:
+        assert np.allclose(crop.to_input(click, 64), centre)
+    expected = encode_clicks(centre, np.array([1]), CONFIG)
+    assert np.array_equal(sample["planes"].numpy(), expected)
+
+
+def test_read_crop_pads_outside_and_keeps_geometry():
+    image = np.arange(100 * 100, dtype=np.float32).reshape(100, 100)
+    crop = Crop(-10, -10, 40)
+    out = read_crop(image, crop, 40)  # 1:1 scale
+    assert out[5, 5] == 0  # outside the image
+    assert out[10, 10] == image[0, 0] and out[39, 39] == image[29, 29]
+
+
+def test_paste_logits_round_trips_a_mask_at_scale():
+    mask = np.zeros((400, 400), bool)
+    mask[150:250, 100:300] = True
+    crop = Crop.centered((200, 200), 320)
+    logits = read_crop(mask.astype(np.float32), crop, 64) * 2 - 1
+    pasted, (r0, c0) = paste_logits(logits, crop, mask.shape)
+    full = np.zeros_like(mask)
+    full[r0 : r0 + pasted.shape[0], c0 : c0 + pasted.shape[1]] = pasted
+    iou = (full & mask).sum() / (full | mask).sum()
+    assert iou > 0.97
+    assert pasted.shape[0] < 130 and pasted.shape[1] < 230  # only the bounding box is allocated

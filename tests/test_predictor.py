@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+
+from conftest import DATA, disk_image
+from napari_deepcrop.model import DeepCropConfig, DeepCropV2
+from napari_deepcrop.predictor import DeepCropPredictor
+
+
+def iou(a, b):
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+@pytest.fixture(scope="module")
+def predictor(disk_model):
+    return DeepCropPredictor(disk_model, device="cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size, center, radius", [(256, (128, 128), 40), (512, (100, 380), 25), (1024, (600, 500), 90)])
+def test_trained_model_segments_a_disk_on_noise(predictor, size, center, radius):
+    image, mask = disk_image(size, center, radius, seed=123)
+    predictor.set_image(image)
+    pred, score = predictor.predict(np.array([center], float), np.array([1]))
+    assert pred.shape == mask.shape and pred.dtype == bool
+    assert iou(pred, mask) > 0.8
+    assert 0.0 <= score <= 1.0
+
+
+@pytest.mark.slow
+def test_return_crop_is_the_same_mask(predictor):
+    image, _ = disk_image(512, (300, 200), 50, seed=5)
+    predictor.set_image(image)
+    full, score = predictor.predict(np.array([[300, 200]]), np.array([1]))
+    crop, (r0, c0), score2 = predictor.predict(np.array([[300, 200]]), np.array([1]), return_crop=True)
+    assert score == score2
+    rebuilt = np.zeros_like(full)
+    rebuilt[r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] = crop
+    assert np.array_equal(rebuilt, full)
+    assert crop.shape[0] < 200 and crop.shape[1] < 200
+
+
+@pytest.mark.slow
+def test_refinement_with_previous_mask_and_negative_click(predictor):
+    image, mask = disk_image(256, (128, 128), 40, seed=9)
+    predictor.set_image(image)
+    first, _ = predictor.predict(np.array([[128, 128]]), np.array([1]))
+    refined, _ = predictor.predict(np.array([[128, 128], [20, 20]]), np.array([1, 0]), prev_mask=first)
+    assert iou(refined, mask) > 0.8
+    assert not refined[20, 20]
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.random.default_rng(0).integers(0, 65535, (128, 96), dtype=np.uint16),
+        np.random.default_rng(0).random((128, 96, 4)).astype(np.float32),
+        np.random.default_rng(0).integers(0, 255, (128, 96, 5), dtype=np.uint8),
+    ],
+    ids=["uint16-gray", "float-rgba", "5-channel"],
+)
+def test_any_image_kind_gives_a_mask_of_image_size(image):
+    p = DeepCropPredictor(DeepCropV2(DeepCropConfig(input_size=64)), device="cpu")
+    p.set_image(image)
+    mask, score = p.predict(np.array([[60, 40]]), np.array([1]))
+    assert mask.shape == (128, 96) and mask.dtype == bool and 0 <= score <= 1
+
+
+def test_clear_errors():
+    p = DeepCropPredictor(DeepCropV2(DeepCropConfig(input_size=64)), device="cpu")
+    with pytest.raises(RuntimeError, match="no image set"):
+        p.predict(np.array([[1, 1]]), np.array([1]))
+    p.set_image(np.zeros((50, 60, 3), np.uint8) + np.arange(60, dtype=np.uint8)[None, :, None])
+    with pytest.raises(ValueError, match="outside the image"):
+        p.predict(np.array([[10, 60]]), np.array([1]))
+    with pytest.raises(ValueError, match="positive click"):
+        p.predict(np.array([[10, 10]]), np.array([0]))
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        p.predict(np.array([10, 10]), np.array([1]))
+    with pytest.raises(ValueError, match="prev_mask"):
+        p.predict(np.array([[10, 10]]), np.array([1]), prev_mask=np.ones((5, 5), bool))
+    with pytest.raises(ValueError, match="no contrast"):
+        p.set_image(np.full((50, 50), 7, np.uint16))
+    with pytest.raises(ValueError, match="no contrast"):
+        p.set_image(np.full((50, 50), np.nan, np.float32))
+    with pytest.raises(ValueError, match="2D"):
+        p.set_image(np.zeros((4, 50, 50, 3), np.uint8))
+    p.reset_image()
+    with pytest.raises(RuntimeError, match="no image set"):
+        p.predict(np.array([[1, 1]]), np.array([1]))
+
+
+def test_nans_in_a_float_image_are_handled():
+    p = DeepCropPredictor(DeepCropV2(DeepCropConfig(input_size=64)), device="cpu")
+    image = np.random.default_rng(1).random((80, 80)).astype(np.float32)
+    image[:10] = np.nan
+    p.set_image(image)
+    mask, score = p.predict(np.array([[40, 40]]), np.array([1]))
+    assert np.isfinite(score)
+
+
+def test_device_auto_picks_cpu_without_cuda():
+    import torch
+
+    p = DeepCropPredictor(DeepCropV2(DeepCropConfig(input_size=64)))
+    assert p.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,244 @@
+"""COCO-format training data: objects, clicks and crops exactly as the predictor will see them.
+
+Each sample is one object, one click inside it (random interior points, weighted away from the boundary, and the
+evaluation protocol's first click), and a square crop around the click at a random scale relative to the
+object, cut and resampled by :func:`napari_deepcrop.crops.read_crop` and encoded by
+:func:`napari_deepcrop.clicks.encode_clicks`: the same functions the predictor uses. Every random draw comes
+from a generator seeded by (seed, epoch, position), so a run is reproducible and resumable whatever the
+number of workers or processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from scipy import ndimage
+from torch.utils.data import Dataset, Sampler
+
+from napari_deepcrop.clicks import encode_clicks
+from napari_deepcrop.crops import Crop, read_crop
+from napari_deepcrop.model import DeepCropConfig
+
+MAX_CLICKS = 24
+# object extent / crop side, drawn log-uniformly: wider than the predictor's scale steps, so that the score head
+# also learns what a too-small or too-large crop looks like
+RATIO_RANGE = (0.3, 1.4)
+VAL_RATIO_RANGE = (0.45, 0.9)
+
+
+@dataclass(frozen=True)
+class CocoSource:
+    """One COCO annotation file and the folder its ``file_name`` entries are relative to."""
+
+    annotation_file: Path
+    images_dir: Path
+
+    @classmethod
+    def from_paths(cls, annotation_file: str | Path, images_dir: str | Path | None = None) -> CocoSource:
+        annotation_file = Path(annotation_file)
+        if images_dir is None:
+            images_dir = default_images_dir(annotation_file)
+        return cls(annotation_file, Path(images_dir))
+
+
+def default_images_dir(annotation_file: Path) -> Path:
+    """COCO layout (annotations/instances_val2017.json -> val2017/) or this plugin's export (images beside it)."""
+    stem = annotation_file.stem.split("_", 1)[-1]
+    candidate = annotation_file.parent.parent / stem
+    return candidate if annotation_file.parent.name == "annotations" and candidate.is_dir() else annotation_file.parent
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    image_index: int
+    source_index: int
+    annotation: dict
+
+
+def _load_coco(path: Path) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        return COCO(str(path))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"cannot read image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class CocoObjects(Dataset):
+    """Objects of one or more COCO datasets, de-duplicated by image file name (the first source wins).
+
+    Images are decoded once, up front, and shared with data-loader workers by fork: no per-sample JSON parsing or
+    JPEG decoding. ``exclude`` drops images by file name (e.g. validation images from a training set).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[CocoSource],
+        config: DeepCropConfig,
+        train: bool = True,
+        min_area: float = 400.0,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        only: set[str] | None = None,
+    ) -> None:
+        self.config, self.train = config, train
+        self.cocos = [_load_coco(s.annotation_file) for s in sources]
+        self.images: list[np.ndarray] = []
+        self.file_names: list[str] = []
+        self.objects: list[ObjectRef] = []
+        seen: set[str] = set(exclude)
+        for source_index, (source, coco) in enumerate(zip(sources, self.cocos)):
+            for image_id in sorted(coco.getImgIds()):
+                info = coco.imgs[image_id]
+                name = Path(info["file_name"]).name
+                if name in seen or (only is not None and name not in only):
+                    continue
+                anns = [
+                    a
+                    for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False))
+                    if a.get("area", 0) >= min_area and min(a["bbox"][2:]) >= 8
+                ]
+                if not anns:
+                    continue
+                seen.add(name)
+                image_index = len(self.images)
+                self.images.append(_read_rgb(source.images_dir / info["file_name"]))
+                self.file_names.append(name)
+                self.objects.extend(ObjectRef(image_index, source_index, a) for a in anns)
+        if not self.objects:
+            raise ValueError(f"no usable objects (non-crowd, area >= {min_area}) in {[str(s.annotation_file) for s in sources]}")
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        rng = np.random.default_rng(seed)
+        obj = self.objects[index]
+        image = self.images[obj.image_index]
+        mask = self.cocos[obj.source_index].annToMask(obj.annotation).astype(bool)
+        return make_sample(image, mask, self.config, rng, self.train)
+
+
+def make_sample(
+    image: np.ndarray, mask: np.ndarray, config: DeepCropConfig, rng: np.random.Generator, train: bool
+) -> dict[str, torch.Tensor]:
+    """One training (or validation) sample of an object ``mask`` in an RGB uint8 ``image``."""
+    size = config.input_size
+    click = _sample_click(mask, rng, protocol_click=not train or rng.random() < 0.35)
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    low, high = RATIO_RANGE if train else VAL_RATIO_RANGE
+    side = max(extent / math.exp(rng.uniform(math.log(low), math.log(high))), 16.0)
+    center = np.asarray(click, float)
+    if train:
+        center = center + rng.uniform(-0.1, 0.1, size=2) * side
+    crop = Crop.centered(tuple(center), side)
+    rgb = read_crop(image, crop, size, lambda r: r.astype(np.float32) / 255.0)
+    gt = read_crop(mask, crop, size, lambda m: m.astype(np.float32)) > 0.5
+    points = crop.to_input(np.array([click]), size)
+    labels = np.array([1])
+    if train:
+        rgb = _color_jitter(rgb, rng)
+        points, labels = _add_random_negatives(points, labels, gt, rng)
+        if rng.random() < 0.5:
+            rgb, gt = rgb[:, ::-1], gt[:, ::-1]
+            points = points * [1, -1] + [0, size - 1]
+    outside = max(0.0, float(mask.sum()) * (size / side) ** 2 - float(gt.sum()))
+    clicks = np.full((MAX_CLICKS, 3), -1.0, np.float32)
+    clicks[: len(points), :2], clicks[: len(points), 2] = points, labels
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
+        "planes": torch.from_numpy(encode_clicks(points, labels, config)),
+        "mask": torch.from_numpy(np.ascontiguousarray(gt[None])).float(),
+        "clicks": torch.from_numpy(clicks),
+        "outside": torch.tensor(outside, dtype=torch.float32),
+    }
+
+
+def _sample_click(mask: np.ndarray, rng: np.random.Generator, protocol_click: bool) -> tuple[int, int]:
+    """An interior point, drawn with weight (distance to boundary)^2, or the deepest one (the protocol's)."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    sub = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    depth = ndimage.distance_transform_edt(np.pad(sub, 1))[1:-1, 1:-1]
+    if protocol_click:
+        flat = int(np.argmax(depth))
+    else:
+        weights = depth.ravel() ** 2
+        flat = int(rng.choice(weights.size, p=weights / weights.sum()))
+    r, c = np.unravel_index(flat, depth.shape)
+    return int(r + rows[0]), int(c + cols[0])
+
+
+def _color_jitter(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    gray = rgb.mean(axis=2, keepdims=True)
+    if rng.random() < 0.1:
+        rgb = np.repeat(gray, 3, axis=2)
+    else:
+        rgb = gray + (rgb - gray) * rng.uniform(0.6, 1.4)
+    mean = rgb.mean()
+    rgb = mean + (rgb - mean) * rng.uniform(0.7, 1.3)
+    rgb = rgb * rng.uniform(0.75, 1.25)
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+
+def _add_random_negatives(
+    points: np.ndarray, labels: np.ndarray, gt: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sometimes add 1-2 negative clicks on background near the object, as users do to fence it off."""
+    if rng.random() >= 0.15:
+        return points, labels
+    distance = ndimage.distance_transform_edt(~gt)
+    band = np.argwhere((distance > 4) & (distance < gt.shape[0] / 4))
+    if len(band) == 0:
+        return points, labels
+    chosen = band[rng.choice(len(band), size=int(rng.integers(1, 3)))].astype(np.float32)
+    return np.concatenate([points, chosen]), np.concatenate([labels, np.zeros(len(chosen), labels.dtype)])
+
+
+class EpochSampler(Sampler):
+    """Yields (object index, sample seed) for one epoch, sharded across processes like DistributedSampler.
+
+    The order and the seeds depend only on (seed, epoch), so a run resumed mid-epoch (``skip`` samples already
+    done) continues with exactly the samples an uninterrupted run would have drawn.
+    """
+
+    def __init__(
+        self, n: int, samples_per_epoch: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ) -> None:
+        self.n, self.samples_per_epoch, self.seed = n, samples_per_epoch, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _order(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.shuffle:
+            reps = math.ceil(self.samples_per_epoch / self.n)
+            order = np.concatenate([rng.permutation(self.n) for _ in range(reps)])[: self.samples_per_epoch]
+        else:
+            order = np.arange(self.samples_per_epoch) % self.n
+        seeds = rng.integers(0, 2**62, size=len(order)) if self.shuffle else order + self.seed * 1_000_003
+        return order, seeds
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order, seeds = self._order()
+        mine = range(self.rank, len(order), self.world_size)
+        for position in list(mine)[self.skip :]:
+            yield int(order[position]), int(seeds[position])
+
+    def __len__(self) -> int:
+        return max(0, len(range(self.rank, self.samples_per_epoch, self.world_size)) - self.skip)

@@ -1,0 +1,167 @@
+"""One epoch of training, and validation on patches: the loop, the losses, the simulated corrective clicks."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from napari_deepcrop.clicks import encode_clicks
+from napari_deepcrop.model import DeepCropConfig
+
+from .evaluate import evaluate_patches, next_click
+
+
+@dataclass
+class TrainOptions:
+    max_norm: float = 1.0
+    iterative_prob: float = 0.5  # share of batches trained on the model's own previous mask plus a corrective click
+    max_iterations: int = 3
+    score_weight: float = 0.5
+    seed: int = 0
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The report's logistic (soft-margin) loss, plus a Dice term that keeps small objects from vanishing."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    dice = 1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
+    return bce + dice.mean()
+
+
+def full_iou(logits: torch.Tensor, target: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """IoU of the hard mask with the whole object: object pixels outside the crop count as missed.
+
+    This is what the score head learns to predict, so that the predictor's choice of crop scale by score
+    prefers crops that hold the whole object.
+    """
+    pred = (logits.detach() > 0).float().flatten(1)
+    target = target.flatten(1)
+    inter = (pred * target).sum(1)
+    union = pred.sum(1) + target.sum(1) - inter + outside
+    return torch.where(union > 0, inter / union.clamp(min=1e-6), torch.ones_like(inter))
+
+
+def _batch_clicks(clicks: torch.Tensor) -> list[list[tuple[float, float, int]]]:
+    return [[(r, c, int(lab)) for r, c, lab in sample.tolist() if lab >= 0] for sample in clicks]
+
+
+@torch.no_grad()
+def corrective_iterations(
+    model: nn.Module,
+    config: DeepCropConfig,
+    batch: dict[str, torch.Tensor],
+    iterations: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Run the model ``iterations`` times, each time adding the protocol's next click and its own mask.
+
+    Returns the click planes for the final, trained-on step (RITM's iterative training).
+    """
+    was_training = model.training
+    model.eval()
+    planes = batch["planes"]
+    clicks = _batch_clicks(batch["clicks"])
+    gts = batch["mask"][:, 0].numpy().astype(bool)
+    for _ in range(iterations):
+        logits, _ = model(batch["image"].to(device), planes.to(device))
+        preds = (logits[:, 0] > 0).cpu().numpy()
+        new_planes = []
+        for pred, gt, sample_clicks in zip(preds, gts, clicks):
+            size = gt.shape[0]
+            done = [(round(r), round(c)) for r, c, _ in sample_clicks if 0 <= round(r) < size and 0 <= round(c) < size]
+            click = next_click(pred, gt, clicked=done) if len(sample_clicks) < 20 else None
+            if click is not None:
+                sample_clicks.append((float(click[0]), float(click[1]), int(click[2])))
+            pts = np.array([(r, c) for r, c, _ in sample_clicks], np.float32)
+            labels = np.array([lab for _, _, lab in sample_clicks])
+            new_planes.append(encode_clicks(pts, labels, config, pred if config.prev_mask else None))
+        planes = torch.from_numpy(np.stack(new_planes))
+    model.train(was_training)
+    return planes
+
+
+def train_one_epoch(
+    model: nn.Module,
+    config: DeepCropConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    loader: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    epoch: int,
+    start_step: int,
+    options: TrainOptions,
+    max_steps: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+    show_progress: bool = True,
+) -> tuple[float, int]:
+    """Train for one pass over ``loader``; returns (mean loss, global step after the epoch).
+
+    ``on_step(global_step)`` runs after every optimizer step (the caller checks for interrupts there).
+    """
+    model.train()
+    step, total, count = start_step, 0.0, 0
+    use_amp = scaler.is_enabled()
+    corrective = config.positive_clicks and (config.negative_clicks or config.prev_mask)
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True)
+    tic = time.perf_counter()
+    for batch in bar:
+        if max_steps is not None and step >= max_steps:
+            break
+        rng = np.random.default_rng([options.seed, step])
+        planes = batch["planes"]
+        if corrective and rng.random() < options.iterative_prob:
+            iterations = int(rng.integers(1, options.max_iterations + 1))
+            planes = corrective_iterations(model, config, batch, iterations, device)
+        image, target = batch["image"].to(device), batch["mask"].to(device)
+        with torch.autocast(device.type, enabled=use_amp):
+            mask_logits, score_logits = model(image, planes.to(device))
+        mask_logits, score_logits = mask_logits.float(), score_logits.float()
+        iou = full_iou(mask_logits, target, batch["outside"].to(device))
+        loss = mask_loss(mask_logits, target) + options.score_weight * F.binary_cross_entropy_with_logits(
+            score_logits, iou
+        )
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at epoch {epoch}, step {step}: lower --lr, or check the data "
+                "(the last good checkpoint is kept)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), options.max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        total += loss.item()
+        count += 1
+        rate = count * image.shape[0] / (time.perf_counter() - tic)
+        bar.set_postfix(loss=f"{total / count:.4f}", iou=f"{iou.mean().item():.3f}", samples_s=f"{rate:.1f}")
+        if on_step is not None:
+            on_step(step)
+    return (total / count if count else math.nan), step
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], device: torch.device, show_progress: bool = True
+) -> dict[str, float]:
+    """The report's Table 1 metrics on validation patches (first click only): mean / median IoU, IoU@0.7."""
+    model.eval()
+
+    def pairs():
+        for batch in tqdm(loader, desc="validate", disable=not show_progress, dynamic_ncols=True, leave=False):
+            logits, _ = model(batch["image"].to(device), batch["planes"].to(device))
+            yield (logits[:, 0] > 0).cpu().numpy(), batch["mask"][:, 0].numpy() > 0.5
+
+    return evaluate_patches(pairs())

@@ -1,0 +1,335 @@
+"""Train or fine-tune DeepCropV2 on COCO-format data; one process, or many under torchrun (DDP).
+
+    python -m napari_deepcrop.training.train --data-path annotations.json --output-dir runs/mine
+    torchrun --nproc_per_node=4 -m napari_deepcrop.training.train --data-path ... --output-dir ...
+
+Checkpoints are written atomically at every epoch end and on Ctrl+C / SIGTERM; ``--resume`` continues exactly
+(model, optimizer, scheduler, AMP scaler, epoch, position in the epoch). Every checkpoint loads directly into
+``DeepCropPredictor.from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from napari_deepcrop.model import DeepCropConfig, DeepCropV2
+from napari_deepcrop.predictor import pick_device
+
+from .data import CocoObjects, CocoSource, EpochSampler
+from .engine import TrainOptions, evaluate, train_one_epoch
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train or fine-tune DeepCropV2 on COCO data", add_help=add_help)
+    p.add_argument("--config", type=Path, help="TOML file of defaults for these flags (flags given here win)")
+    p.add_argument("--data-path", type=Path, action="append", help="COCO annotation JSON (repeat to combine)")
+    p.add_argument("--images-dir", type=Path, action="append", help="image folder for each --data-path, in order")
+    p.add_argument("--val-data-path", type=Path, action="append", help="validation COCO JSON (repeatable)")
+    p.add_argument("--val-images-dir", type=Path, action="append")
+    p.add_argument("--val-split", type=float, default=0.1, help="share of training images held out without --val-data-path")
+    p.add_argument("--output-dir", type=Path, default=Path("runs/deepcrop"))
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--samples-per-epoch", type=int, help="default: the number of training objects")
+    p.add_argument("--val-samples", type=int, default=500, help="validation patches per evaluation")
+    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--opt", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--resume", type=Path, help="a training checkpoint to continue exactly")
+    p.add_argument("--init", type=Path, help="a checkpoint whose weights start this run (fine-tuning)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke tests)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-only", action="store_true", help="only evaluate --init/--resume on the validation set")
+    p.add_argument("--trunk", choices=("resnet18", "resnet34", "resnet50"), default="resnet18")
+    p.add_argument("--head", choices=("deepmask", "refine"), default="refine")
+    p.add_argument("--input-size", type=int, default=128)
+    p.add_argument("--no-clicks", action="store_true", help="DeepMask itself: no click plane (report baseline)")
+    p.add_argument("--single-click", action="store_true", help="the report's DeepCropV2: one positive plane only")
+    p.add_argument("--iterative-prob", type=float, default=0.5, help="share of batches with corrective clicks")
+    p.add_argument("--pretrained", choices=("imagenet",), help="ImageNet trunk weights (downloads them)")
+    p.add_argument("--min-area", type=float, default=400.0, help="skip smaller objects (pixels)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags over the --config TOML over the built-in defaults."""
+    parser = get_args_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config is not None:
+        with open(pre.config, "rb") as f:
+            values = tomllib.load(f)
+        known = {a.dest for a in parser._actions}
+        unknown = {k.replace("-", "_") for k in values} - known
+        if unknown:
+            parser.error(f"{pre.config}: unknown keys {sorted(unknown)}")
+        base = pre.config.parent
+        defaults = {}
+        for key, value in values.items():
+            dest = key.replace("-", "_")
+            if dest.endswith(("path", "dir")) and value is not None:
+                value = [base / v for v in value] if isinstance(value, list) else base / value
+            defaults[dest] = value
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def model_config(args: argparse.Namespace) -> DeepCropConfig:
+    clicks = not args.no_clicks
+    corrective = clicks and not args.single_click
+    return DeepCropConfig(
+        trunk=args.trunk,
+        head=args.head,
+        input_size=args.input_size,
+        positive_clicks=clicks,
+        negative_clicks=corrective,
+        prev_mask=corrective,
+    )
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); under torchrun, joins the process group (NCCL on GPUs, gloo on CPU)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    return rank, world, local
+
+
+def _sources(paths: list[Path] | None, dirs: list[Path] | None) -> list[CocoSource]:
+    paths = paths or []
+    dirs = dirs or []
+    if dirs and len(dirs) != len(paths):
+        raise SystemExit("give one --images-dir per --data-path (or none, to use the COCO layout)")
+    return [CocoSource.from_paths(p, dirs[i] if dirs else None) for i, p in enumerate(paths)]
+
+
+def build_datasets(args: argparse.Namespace, config: DeepCropConfig) -> tuple[CocoObjects, CocoObjects]:
+    train_sources = _sources(args.data_path, args.images_dir)
+    if not train_sources:
+        raise SystemExit("--data-path is required")
+    if args.val_data_path:
+        val = CocoObjects(_sources(args.val_data_path, args.val_images_dir), config, False, args.min_area)
+        train = CocoObjects(train_sources, config, True, args.min_area, exclude=set(val.file_names))
+        return train, val
+    everything = CocoObjects(train_sources, config, False, args.min_area)
+    names = sorted(everything.file_names)
+    n_val = max(1, round(len(names) * args.val_split)) if len(names) > 1 else 0
+    held_out = set(torch.utils.data.random_split(names, [n_val, len(names) - n_val], torch.Generator().manual_seed(0))[0])
+    train = CocoObjects(train_sources, config, True, args.min_area, exclude=held_out)
+    val = CocoObjects(train_sources, config, False, args.min_area, only=held_out) if held_out else train
+    return train, val
+
+
+def lr_lambda_factory(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _plain(args: argparse.Namespace) -> dict[str, Any]:
+    """The args as plain data (str/int/float/bool/list), as weights_only checkpoints require."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    rank, world, local = init_distributed()
+    is_main = rank == 0
+    device = pick_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+    torch.manual_seed(args.seed)
+    config = model_config(args)
+    model = DeepCropV2(config, pretrained=args.pretrained).to(device)
+    resume = read_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        config = DeepCropConfig.from_dict(resume["config"])
+        model = DeepCropV2(config).to(device)
+        model.load_state_dict(resume["model"])
+    elif args.init is not None:
+        init_model, _ = load_checkpoint(args.init)
+        config = init_model.config
+        model = init_model.to(device)
+
+    train_set, val_set = build_datasets(args, config)
+    samples_per_epoch = args.samples_per_epoch or len(train_set)
+    train_sampler = EpochSampler(len(train_set), samples_per_epoch, args.seed, rank, world)
+    val_sampler = EpochSampler(len(val_set), min(args.val_samples, len(val_set) * 4), args.seed, shuffle=False)
+    loader_kw = {"batch_size": args.batch_size, "num_workers": args.workers, "persistent_workers": False}
+    train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=True, **loader_kw)
+    val_loader = DataLoader(val_set, sampler=val_sampler, **loader_kw)
+    steps_per_epoch = max(1, samples_per_epoch // world // args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+
+    if args.opt == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args.warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    epoch, step, best = 0, 0, -1.0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["lr_scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        epoch, step, best = resume["epoch"], resume["step"], resume.get("best", -1.0)
+        torch.set_rng_state(resume["rng"])
+
+    model_without_ddp = model
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+
+    meta = {"args": _plain(args), "git_commit": git_commit(), "data": [str(p) for p in args.data_path or []]}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, epoch_done: int, step_now: int) -> None:
+        if not is_main:
+            return
+        save_checkpoint(
+            args.output_dir / name,
+            model_without_ddp,
+            optimizer=optimizer.state_dict(),
+            lr_scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+            epoch=epoch_done,
+            step=step_now,
+            best=best,
+            rng=torch.get_rng_state(),
+            meta=meta,
+        )
+
+    if args.test_only:
+        metrics = evaluate(model_without_ddp, val_loader, device, not args.no_progress) if is_main else {}
+        if is_main:
+            print(json.dumps(metrics, indent=2))
+        _cleanup(world)
+        return metrics
+
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):  # noqa: ARG001
+        stop["requested"] = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop) if is_main or world == 1 else None
+    log_path = args.output_dir / "log.csv"
+    metrics: dict[str, float] = {}
+    start = time.time()
+
+    def on_step(step_now: int) -> None:
+        if stop["requested"]:
+            raise _StopRequested
+
+    try:
+        while epoch < args.epochs and (args.max_steps is None or step < args.max_steps):
+            done_in_epoch = step - epoch * steps_per_epoch
+            train_sampler.set_epoch(epoch, skip=max(0, done_in_epoch) * args.batch_size)
+            loss, step = train_one_epoch(
+                model,
+                config,
+                optimizer,
+                scheduler,
+                scaler,
+                train_loader,
+                device,
+                epoch,
+                step,
+                TrainOptions(iterative_prob=args.iterative_prob, seed=args.seed),
+                max_steps=args.max_steps,
+                on_step=on_step,
+                show_progress=is_main and not args.no_progress,
+            )
+            finished_epoch = step >= (epoch + 1) * steps_per_epoch
+            if is_main:
+                metrics = evaluate(model_without_ddp, val_loader, device, not args.no_progress)
+                metrics.update(epoch=epoch, step=step, train_loss=loss, lr=scheduler.get_last_lr()[0],
+                               elapsed_s=round(time.time() - start, 1))
+                _append_csv(log_path, metrics)
+                print(f"epoch {epoch} step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                                   if isinstance(v, float)), flush=True)
+                if metrics["mean_iou"] > best:
+                    best = metrics["mean_iou"]
+                    save("best.pt", epoch + int(finished_epoch), step)
+            epoch += int(finished_epoch)
+            save("checkpoint.pt", epoch, step)
+            if world > 1:
+                dist.barrier()
+    except (KeyboardInterrupt, _StopRequested):
+        save("checkpoint.pt", epoch, step)
+        if is_main:
+            print(f"interrupted: saved {args.output_dir / 'checkpoint.pt'} at step {step}; --resume it to go on",
+                  file=sys.stderr)
+        _cleanup(world)
+        raise SystemExit(130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if is_main:
+        print(f"done: {step} steps in {time.time() - start:.0f} s; best validation mean IoU {best:.4f}; "
+              f"checkpoints in {args.output_dir}")
+    _cleanup(world)
+    return metrics
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _cleanup(world: int) -> None:
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    main(parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli()
