@@ -8,6 +8,8 @@ package when it builds its menus).
 from importlib import import_module
 from typing import Any
 
+from . import _llvm_guard  # noqa: F401  (must run before torch is imported inside a napari process)
+
 __version__ = "0.1.0"
 
 _PUBLIC = {
