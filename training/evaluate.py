@@ -2,14 +2,15 @@
 
 Two measurements, as in ARCHITECTURE.md ("Evaluation"):
 
-* Patch metrics (the report's Table 1): mean IoU, median IoU and IoU@0.7 recall over sampled validation objects.
-* The interactive protocol of RITM / f-BRS / SimpleClick, so that our numbers compare with the literature: a simulated
-  user clicks the error region deepest inside, the segmenter refines, for at most 20 clicks; NoC@85/90, failures and
-  mIoU after k clicks summarise the IoU curves.
+* Patch metrics (the report's Table 1): mean IoU, median IoU and IoU@0.7 recall over sampled validation
+  objects.
+* The interactive protocol of RITM / f-BRS / SimpleClick, so that our numbers compare with the literature: a
+  simulated user clicks the error region deepest inside, the segmenter refines, for at most 20 clicks;
+  NoC@85/90, failures and mIoU after k clicks summarise the IoU curves.
 
 Anything with ``set_image(image)`` and ``predict(points, labels, prev_mask) -> (mask, score)`` is a
-:class:`ClickSegmenter`: the DeepCropPredictor and the classical baselines in ``baselines.py`` alike, so all are measured
-with the same code, images and click rules.
+:class:`ClickSegmenter`: the DeepCropPredictor and the classical baselines in ``baselines.py`` alike, so all
+are measured with the same code, images and click rules.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ import numpy as np
 from scipy import ndimage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-COCO_SMALL_AREA = 32**2  # COCO's own limit for "small" objects: below it a click tool is not the right instrument
+COCO_SMALL_AREA = (
+    32**2
+)  # COCO's own limit for "small" objects: below it a click tool is not the right instrument
 GRABCUT_IGNORE = 128  # GrabCut / RITM convention: 0 background, 128 unknown band, 255 object
 
 
 class ClickSegmenter(Protocol):
-    """What the protocol needs of a segmenter: the DeepCropPredictor's shape, so baselines plug in beside it."""
+    """What the protocol needs: the DeepCropPredictor's shape, so that baselines plug in beside it."""
 
     def set_image(self, image: np.ndarray) -> None: ...
 
@@ -44,7 +47,7 @@ class ClickSegmenter(Protocol):
 
 @dataclass
 class Sample:
-    """One object to segment: the image, its object mask and the pixels that count for nothing (may be None)."""
+    """One object to segment: the image, its object mask and the pixels that count for nothing (or None)."""
 
     name: str
     image: np.ndarray
@@ -71,7 +74,7 @@ class ProtocolResult:
         }
 
 
-# --- metrics -------------------------------------------------------------------------------------------------------
+# --- metrics ------------------------------------------------------------------------------------------------
 
 
 def mask_iou(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None = None) -> float:
@@ -104,19 +107,21 @@ def evaluate_patches(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str
     for pred, gt in pairs:
         pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
         batch_shape = (-1, *gt.shape[-2:])
-        ious.extend(mask_iou(p, g) for p, g in zip(pred.reshape(batch_shape), gt.reshape(batch_shape), strict=True))
+        ious.extend(
+            mask_iou(p, g) for p, g in zip(pred.reshape(batch_shape), gt.reshape(batch_shape), strict=True)
+        )
     return patch_metrics(ious)
 
 
-# --- the interactive protocol --------------------------------------------------------------------------------------
+# --- the interactive protocol -------------------------------------------------------------------------------
 
 
 def _depth(region: np.ndarray, clicked: Sequence[tuple[int, int]]) -> np.ndarray:
     """Distance of each region pixel to the region's boundary, the image border counting as boundary.
 
-    Padding with zeros before the distance transform is what RITM's ``get_next_points`` does; without it a region
-    touching the border would pull clicks onto the border. Pixels already clicked get 0 so that a click is never
-    repeated (RITM's ``not_clicked_map``).
+    Padding with zeros before the distance transform is what RITM's ``get_next_points`` does; without it a
+    region touching the border would pull clicks onto the border. Pixels already clicked get 0 so that a click
+    is never repeated (RITM's ``not_clicked_map``).
     """
     depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
     for row, col in clicked:
@@ -132,10 +137,10 @@ def next_click(
 ) -> tuple[int, int, bool] | None:
     """Where the simulated user clicks next: (row, col, is_positive), or None when nothing is left to correct.
 
-    The larger error region is the one reaching deeper from its boundary (RITM's rule: the maxima of the distance
-    transforms are compared, not the pixel counts); the click goes to its deepest pixel, positive if the region is
-    missed object, negative if it is false object (ties go to negative, as in RITM). With an empty ``pred`` this
-    is the first click: the object's interior point farthest from its boundary.
+    The larger error region is the one reaching deeper from its boundary (RITM's rule: the maxima of the
+    distance transforms are compared, not the pixel counts); the click goes to its deepest pixel, positive if
+    the region is missed object, negative if it is false object (ties go to negative, as in RITM). With an
+    empty ``pred`` this is the first click: the object's interior point farthest from its boundary.
     """
     pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
     valid = np.ones(gt.shape, bool) if ignore is None else ~np.asarray(ignore, bool)
@@ -158,8 +163,8 @@ def run_protocol(
 ) -> ProtocolResult:
     """Simulate one user annotating one object, passing the previous mask back as RITM does.
 
-    When no error pixel is left the user stops; the IoU curve is then held at its last value up to ``max_clicks``
-    so that every curve has the same length.
+    When no error pixel is left the user stops; the IoU curve is then held at its last value up to
+    ``max_clicks`` so that every curve has the same length.
     """
     gt = np.asarray(gt, bool)
     segmenter.set_image(image)
@@ -202,8 +207,8 @@ def summarize(
 ) -> dict[str, float]:
     """NoC@t (clicks to reach IoU t, ``max_clicks`` when never), failures@t (never reached), mIoU@k, s/click.
 
-    Failures count curves that never reach t. RITM counts NoC == max_clicks instead, which also counts an object
-    reached exactly at the last click; the difference is at most a few objects.
+    Failures count curves that never reach t. RITM counts NoC == max_clicks instead, which also counts an
+    object reached exactly at the last click; the difference is at most a few objects.
     """
     results = list(results)
     ious = np.stack([r.ious for r in results])
@@ -241,12 +246,14 @@ def format_table(summaries: Mapping[str, Mapping[str, float]]) -> str:
     width = max(len("method"), *(len(name) for name in summaries))
     lines = ["  ".join([f"{'method':<{width}}", *(f"{TABLE_COLUMNS[k][0]:>8}" for k in keys)])]
     for name, summary in summaries.items():
-        cells = [f"{TABLE_COLUMNS[k][1].format(summary[k]):>8}" if k in summary else f"{'-':>8}" for k in keys]
+        cells = [
+            f"{TABLE_COLUMNS[k][1].format(summary[k]):>8}" if k in summary else f"{'-':>8}" for k in keys
+        ]
         lines.append("  ".join([f"{name:<{width}}", *cells]))
     return "\n".join(lines)
 
 
-# --- datasets ------------------------------------------------------------------------------------------------------
+# --- datasets -----------------------------------------------------------------------------------------------
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -277,7 +284,9 @@ def _load_folder(
     image_files = _files_by_stem(images)
     missing = sorted(set(image_files) - set(mask_files))
     if missing:
-        raise FileNotFoundError(f"no mask in {masks} for images {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise FileNotFoundError(
+            f"no mask in {masks} for images {missing[:5]}{'...' if len(missing) > 5 else ''}"
+        )
     for stem in _subset(list(image_files), max_instances, seed):
         mask = read_image(mask_files[stem])
         mask = mask[..., 0] if mask.ndim == 3 else mask
@@ -287,13 +296,17 @@ def _load_folder(
             yield Sample(stem, read_image(image_files[stem]), mask > ignore_value, mask == ignore_value)
 
 
-def load_grabcut_folder(root: str | Path, max_instances: int | None = None, seed: int = 0) -> Iterator[Sample]:
-    """GrabCut / Berkeley layout of f-BRS and RITM: ``data_GT/`` images, ``boundary_GT/`` masks (128 = ignore)."""
+def load_grabcut_folder(
+    root: str | Path, max_instances: int | None = None, seed: int = 0
+) -> Iterator[Sample]:
+    """The GrabCut layout of f-BRS and RITM: ``data_GT/`` images, ``boundary_GT/`` masks (128 = ignore)."""
     root = Path(root)
     return _load_folder(root / "data_GT", root / "boundary_GT", GRABCUT_IGNORE, max_instances, seed)
 
 
-def load_image_mask_folder(root: str | Path, max_instances: int | None = None, seed: int = 0) -> Iterator[Sample]:
+def load_image_mask_folder(
+    root: str | Path, max_instances: int | None = None, seed: int = 0
+) -> Iterator[Sample]:
     """A plain ``img/`` + ``gt/`` layout: one object per image, any nonzero mask pixel is object."""
     root = Path(root)
     return _load_folder(root / "img", root / "gt", None, max_instances, seed)
@@ -322,10 +335,13 @@ def load_coco(
 
     annotation_file = Path(annotation_file)
     images_dir = Path(images_dir) if images_dir else _default_coco_images_dir(annotation_file)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout, where our table goes
+    # pycocotools prints its progress to stdout, where our table goes
+    with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(annotation_file))
     ann_ids = [a for a in sorted(coco.getAnnIds(iscrowd=False)) if coco.anns[a]["area"] > min_area]
-    anns = sorted((coco.anns[a] for a in _subset(ann_ids, max_instances, seed)), key=lambda a: (a["image_id"], a["id"]))
+    anns = sorted(
+        (coco.anns[a] for a in _subset(ann_ids, max_instances, seed)), key=lambda a: (a["image_id"], a["id"])
+    )
     image_id, image = None, None
     for ann in anns:
         info = coco.imgs[ann["image_id"]]
@@ -341,7 +357,7 @@ def load_dataset(
     min_area: float = COCO_SMALL_AREA,
     seed: int = 0,
 ) -> Iterator[Sample]:
-    """Pick the loader from what ``path`` is: a COCO JSON, a GrabCut-layout folder or an ``img/`` + ``gt/`` folder."""
+    """Pick the loader from what ``path`` is: a COCO JSON, a GrabCut-layout or an ``img/``+``gt/`` folder."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         return load_coco(path, images_dir, min_area, max_instances, seed)
@@ -352,23 +368,34 @@ def load_dataset(
     raise ValueError(f"{path} is neither a COCO JSON nor a folder with data_GT/+boundary_GT/ or img/+gt/")
 
 
-# --- command line --------------------------------------------------------------------------------------------------
+# --- command line -------------------------------------------------------------------------------------------
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The ``napari-deepcrop eval`` arguments; ``add_help=False`` lets cli.py use it as a parent parser."""
     parser = argparse.ArgumentParser(
-        description="Interactive click protocol (NoC@85/90) of a DeepCropV2 checkpoint on a dataset", add_help=add_help
+        description="Interactive click protocol (NoC@85/90) of a DeepCropV2 checkpoint on a dataset",
+        add_help=add_help,
     )
     parser.add_argument("--checkpoint", default=None, help="checkpoint file (default: the bundled weights)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dataset", required=True, type=Path, help="GrabCut-layout or img/+gt/ folder, or COCO JSON")
-    parser.add_argument("--images-dir", type=Path, default=None, help="COCO image folder (default: beside the JSON)")
+    parser.add_argument(
+        "--dataset", required=True, type=Path, help="GrabCut-layout or img/+gt/ folder, or COCO JSON"
+    )
+    parser.add_argument(
+        "--images-dir", type=Path, default=None, help="COCO image folder (default: beside the JSON)"
+    )
     parser.add_argument("--max-clicks", type=int, default=20)
-    parser.add_argument("--max-instances", type=int, default=None, help="a fixed-seed random subset of objects")
-    parser.add_argument("--min-area", type=float, default=COCO_SMALL_AREA, help="COCO objects at least this large")
+    parser.add_argument(
+        "--max-instances", type=int, default=None, help="a fixed-seed random subset of objects"
+    )
+    parser.add_argument(
+        "--min-area", type=float, default=COCO_SMALL_AREA, help="COCO objects at least this large"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-instances subset")
-    parser.add_argument("--output", type=Path, default=Path("results.json"), help="JSON with summary and curves")
+    parser.add_argument(
+        "--output", type=Path, default=Path("results.json"), help="JSON with summary and curves"
+    )
     return parser
 
 

@@ -1,0 +1,109 @@
+"""DeepCropV2 against classical click segmenters on the GrabCut benchmark: NoC, failures, mIoU@k, s/click.
+
+Every method goes through ``evaluate.run_protocol`` on the same images with the same click rules (RITM's
+protocol), so the rows differ only in the segmenter. Seconds per click depend on the machine and on what else
+runs on it, so the machine is printed with the table and stored in the JSON.
+
+    python benchmarks/accuracy.py                      # all methods, ../shared/data/GrabCut, 20 clicks
+    python benchmarks/accuracy.py --methods grabcut random_walker --limit 10 --output accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from napari_deepcrop.training.baselines import GrabCutClicks, MagicWand, RandomWalkerClicks
+from napari_deepcrop.training.evaluate import (
+    ClickSegmenter,
+    evaluate_dataset,
+    format_table,
+    load_dataset,
+    summarize,
+)
+
+DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "GrabCut"
+BASELINES = {"magic_wand": MagicWand, "grabcut": GrabCutClicks, "random_walker": RandomWalkerClicks}
+METHODS = ("deepcrop", *BASELINES)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--dataset", type=Path, default=DEFAULT_DATASET, help="GrabCut layout, img/+gt/ or COCO"
+    )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--checkpoint", default=None, help="DeepCropV2 checkpoint (default: the bundled one)")
+    parser.add_argument("--device", default=None, help="device of the model (default: cuda if available)")
+    parser.add_argument("--max-clicks", type=int, default=20)
+    parser.add_argument("--limit", type=int, default=None, help="a fixed-seed random subset of N images")
+    parser.add_argument("--output", type=Path, default=None, help="write summaries and IoU curves as JSON")
+    return parser
+
+
+def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
+    if name == "deepcrop":
+        from napari_deepcrop.predictor import DeepCropPredictor
+
+        return DeepCropPredictor.from_checkpoint(args.checkpoint, device=args.device)
+    return BASELINES[name]()
+
+
+def machine() -> dict[str, Any]:
+    """What the seconds per click were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    samples = list(load_dataset(args.dataset, max_instances=args.limit))
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "dataset": str(args.dataset.resolve()),
+        "objects": len(samples),
+        "max_clicks": args.max_clicks,
+        "checkpoint": args.checkpoint or "bundled",
+        "methods": {},
+    }
+    for name in args.methods:
+        segmenter = make_segmenter(name, args)
+        if name == "deepcrop":
+            report["machine"]["model_device"] = str(segmenter.device)
+        results = evaluate_dataset(segmenter, samples, args.max_clicks, progress=True)
+        report["methods"][name] = {
+            "summary": summarize(results.values()),
+            "per_sample": {sample: result.to_dict() for sample, result in results.items()},
+        }
+    info = report["machine"]
+    print(f"{args.dataset.name}: {len(samples)} objects, up to {args.max_clicks} clicks")
+    cuda = f"CUDA {info['cuda']}" if info["cuda"] else "no CUDA"
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, {cuda}")
+    print(format_table({name: method["summary"] for name, method in report["methods"].items()}))
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
