@@ -44,8 +44,9 @@ class DiskObjects(Dataset):
 @pytest.fixture(scope="session")
 def disk_model():
     """A small DeepCropV2 trained for a few hundred steps on synthetic disks (about a minute on 2 CPU cores)."""
-    from napari_deepcrop.model import DeepCropConfig, DeepCropV2
     from napari_deepcrop.training.engine import TrainOptions, train_one_epoch
+
+    from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 
     torch.manual_seed(0)
     config = DeepCropConfig(input_size=64, decoder_width=16)
@@ -54,6 +55,17 @@ def disk_model():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = DataLoader(DiskObjects(config, n=250 * 16), batch_size=16, shuffle=False)
-    train_one_epoch(model, config, optimizer, scheduler, scaler, loader, torch.device("cpu"), 0, 0,
-                    TrainOptions(iterative_prob=0.3), show_progress=False)
+    train_one_epoch(
+        model,
+        config,
+        optimizer,
+        scheduler,
+        scaler,
+        loader,
+        torch.device("cpu"),
+        0,
+        0,
+        TrainOptions(iterative_prob=0.3),
+        show_progress=False,
+    )
     return model.eval()

@@ -8,7 +8,9 @@ from napari_deepcrop.predictor import DeepCropPredictor
 
 
 def test_round_trip_rebuilds_the_same_model(tmp_path):
-    config = DeepCropConfig(trunk="resnet18", head="deepmask", input_size=64, negative_clicks=False, prev_mask=False)
+    config = DeepCropConfig(
+        trunk="resnet18", head="deepmask", input_size=64, negative_clicks=False, prev_mask=False
+    )
     model = DeepCropV2(config).eval()
     path = save_checkpoint(tmp_path / "m.pt", model, meta={"note": "test"})
     loaded, payload = load_checkpoint(path)
@@ -26,7 +28,7 @@ def test_half_precision_checkpoint_is_smaller_and_close(tmp_path):
     half = save_checkpoint(tmp_path / "h.pt", model, half=True)
     assert half.stat().st_size < 0.6 * full.stat().st_size
     loaded, _ = load_checkpoint(half)
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
 
 

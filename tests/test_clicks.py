@@ -33,14 +33,17 @@ def test_prev_mask_plane_and_shape_check():
 
 def test_same_clicks_give_same_planes_in_training_and_inference():
     """Training samples and the predictor's first crops both centre the crop on the click and encode it alike."""
+    from napari_deepcrop.training.data import make_sample
+
     from napari_deepcrop.model import DeepCropV2
     from napari_deepcrop.predictor import DeepCropPredictor
-    from napari_deepcrop.training.data import make_sample
 
     image = np.zeros((300, 300, 3), np.uint8)
     mask = np.zeros((300, 300), bool)
     mask[100:201, 120:181] = True
-    click = np.array([[150, 150]])  # the rectangle's deepest point: where the protocol (and validation) clicks
+    click = np.array(
+        [[150, 150]]
+    )  # the rectangle's deepest point: where the protocol (and validation) clicks
     sample = make_sample(image, mask, CONFIG, np.random.default_rng(0), train=False)
     predictor = DeepCropPredictor(DeepCropV2(CONFIG))
     crops = predictor._candidate_crops(click.astype(float), np.array([1]), None, mask.shape)

@@ -6,8 +6,13 @@ from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 
 @pytest.mark.parametrize(
     "trunk, head",
-    [("resnet18", "refine"), ("resnet18", "deepmask"), ("resnet34", "refine"), ("resnet50", "refine"),
-     ("resnet50", "deepmask")],
+    [
+        ("resnet18", "refine"),
+        ("resnet18", "deepmask"),
+        ("resnet34", "refine"),
+        ("resnet50", "refine"),
+        ("resnet50", "deepmask"),
+    ],
 )
 def test_forward_backward_shapes(trunk, head):
     config = DeepCropConfig(trunk=trunk, head=head, input_size=64)
@@ -26,7 +31,9 @@ def test_forward_backward_shapes(trunk, head):
 def test_click_planes_follow_config():
     assert DeepCropConfig().click_planes == 3
     assert DeepCropConfig(negative_clicks=False, prev_mask=False).click_planes == 1  # the report's DeepCropV2
-    assert DeepCropConfig(positive_clicks=False, negative_clicks=False, prev_mask=False).click_planes == 0  # DeepMask
+    assert (
+        DeepCropConfig(positive_clicks=False, negative_clicks=False, prev_mask=False).click_planes == 0
+    )  # DeepMask
 
 
 def test_config_rejects_bad_values():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
+from conftest import disk_image
 
-from conftest import DATA, disk_image
 from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import DeepCropPredictor
 
@@ -16,7 +16,9 @@ def predictor(disk_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size, center, radius", [(256, (128, 128), 40), (512, (100, 380), 25), (1024, (600, 500), 90)])
+@pytest.mark.parametrize(
+    "size, center, radius", [(256, (128, 128), 40), (512, (100, 380), 25), (1024, (600, 500), 90)]
+)
 def test_trained_model_segments_a_disk_on_noise(predictor, size, center, radius):
     image, mask = disk_image(size, center, radius, seed=123)
     predictor.set_image(image)

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import disk_image
+from napari_deepcrop.training import train
 from pycocotools import mask as mask_utils
 
-from conftest import disk_image
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint
-from napari_deepcrop.training import train
 
 
 def write_synthetic_coco(folder, n_images=6, seed=0):
@@ -28,15 +28,28 @@ def write_synthetic_coco(folder, n_images=6, seed=0):
         name = f"img{image_id}.png"
         cv2.imwrite(str(folder / name), image)
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        annotations.append({
-            "id": image_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
-            "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
-        })
+        annotations.append(
+            {
+                "id": image_id,
+                "image_id": image_id,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                "area": float(mask_utils.area(rle)),
+                "bbox": mask_utils.toBbox(rle).tolist(),
+            }
+        )
         images.append({"id": image_id, "file_name": name, "height": 128, "width": 128})
     path = folder / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 1, "name": "disk", "supercategory": "shape"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "disk", "supercategory": "shape"}],
+            }
+        )
+    )
     return path
 
 
@@ -46,19 +59,41 @@ def coco(tmp_path):
 
 
 def args_for(coco, out, *extra):
-    return train.parse_args([
-        "--data-path", str(coco), "--output-dir", str(out), "--input-size", "64", "--batch-size", "4",
-        "--samples-per-epoch", "12", "--epochs", "3", "--workers", "0", "--val-samples", "8",
-        "--val-split", "0.34", "--no-progress", "--warmup-steps", "2", *extra,
-    ])
+    return train.parse_args(
+        [
+            "--data-path",
+            str(coco),
+            "--output-dir",
+            str(out),
+            "--input-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--samples-per-epoch",
+            "12",
+            "--epochs",
+            "3",
+            "--workers",
+            "0",
+            "--val-samples",
+            "8",
+            "--val-split",
+            "0.34",
+            "--no-progress",
+            "--warmup-steps",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_a_few_steps_lower_the_loss(coco, tmp_path):
-    from napari_deepcrop.model import DeepCropV2
     from napari_deepcrop.training.data import CocoObjects, CocoSource
     from napari_deepcrop.training.engine import full_iou, mask_loss
 
-    args = args_for(coco, tmp_path / "run", "--max-steps", "30", "--lr", "3e-3", "--iterative-prob", "0")
+    from napari_deepcrop.model import DeepCropV2
+
+    args = args_for(coco, tmp_path / "run", "--epochs", "10", "--lr", "3e-3", "--iterative-prob", "0")
     config = train.model_config(args)
     data = CocoObjects([CocoSource.from_paths(coco)], config, train=False)
     batch = torch.utils.data.default_collate([data[(i % len(data), i)] for i in range(8)])
@@ -67,7 +102,9 @@ def test_a_few_steps_lower_the_loss(coco, tmp_path):
         model.eval()
         with torch.no_grad():
             logits, _ = model(batch["image"], batch["planes"])
-        return mask_loss(logits, batch["mask"]).item(), full_iou(logits, batch["mask"], batch["outside"]).mean()
+        return mask_loss(logits, batch["mask"]).item(), full_iou(
+            logits, batch["mask"], batch["outside"]
+        ).mean()
 
     torch.manual_seed(0)
     before, _ = loss_of(DeepCropV2(config))
@@ -81,8 +118,16 @@ def test_resume_continues_exactly(coco, tmp_path):
     train.main(args_for(coco, tmp_path / "straight", "--max-steps", "5"))
     train.main(args_for(coco, tmp_path / "split", "--max-steps", "2"))
     assert read_checkpoint(tmp_path / "split" / "checkpoint.pt")["step"] == 2
-    train.main(args_for(coco, tmp_path / "split", "--max-steps", "5", "--resume",
-                        str(tmp_path / "split" / "checkpoint.pt")))
+    train.main(
+        args_for(
+            coco,
+            tmp_path / "split",
+            "--max-steps",
+            "5",
+            "--resume",
+            str(tmp_path / "split" / "checkpoint.pt"),
+        )
+    )
     a = read_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     b = read_checkpoint(tmp_path / "split" / "checkpoint.pt")
     assert a["step"] == b["step"] == 5 and a["epoch"] == b["epoch"] == 1
@@ -93,8 +138,9 @@ def test_resume_continues_exactly(coco, tmp_path):
 
 def test_fine_tune_from_init_and_test_only(coco, tmp_path):
     train.main(args_for(coco, tmp_path / "base", "--max-steps", "1"))
-    metrics = train.main(args_for(coco, tmp_path / "tuned", "--init", str(tmp_path / "base" / "checkpoint.pt"),
-                                  "--test-only"))
+    metrics = train.main(
+        args_for(coco, tmp_path / "tuned", "--init", str(tmp_path / "base" / "checkpoint.pt"), "--test-only")
+    )
     assert 0.0 <= metrics["mean_iou"] <= 1.0 and metrics["n"] > 0
     assert not (tmp_path / "tuned" / "checkpoint.pt").exists()
 
@@ -107,10 +153,36 @@ def _run(cmd, **kw):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_write_one_checkpoint(coco, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "-m", "napari_deepcrop.training.train", "--data-path", str(coco), "--output-dir", str(out),
-           "--input-size", "64", "--batch-size", "2", "--samples-per-epoch", "8", "--epochs", "1",
-           "--workers", "0", "--val-samples", "4", "--val-split", "0.34", "--no-progress", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "napari_deepcrop.training.train",
+        "--data-path",
+        str(coco),
+        "--output-dir",
+        str(out),
+        "--input-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--samples-per-epoch",
+        "8",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--val-samples",
+        "4",
+        "--val-split",
+        "0.34",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     result = _run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "log.csv"]
@@ -122,9 +194,27 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(coco, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint(coco, tmp_path):
     out = tmp_path / "term"
-    cmd = [sys.executable, "-m", "napari_deepcrop.training.train", "--data-path", str(coco), "--output-dir",
-           str(out), "--input-size", "64", "--batch-size", "2", "--samples-per-epoch", "100000", "--epochs", "1",
-           "--workers", "0", "--val-split", "0.34"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "napari_deepcrop.training.train",
+        "--data-path",
+        str(coco),
+        "--output-dir",
+        str(out),
+        "--input-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--samples-per-epoch",
+        "100000",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--val-split",
+        "0.34",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -54,7 +54,11 @@ def default_images_dir(annotation_file: Path) -> Path:
     """COCO layout (annotations/instances_val2017.json -> val2017/) or this plugin's export (images beside it)."""
     stem = annotation_file.stem.split("_", 1)[-1]
     candidate = annotation_file.parent.parent / stem
-    return candidate if annotation_file.parent.name == "annotations" and candidate.is_dir() else annotation_file.parent
+    return (
+        candidate
+        if annotation_file.parent.name == "annotations" and candidate.is_dir()
+        else annotation_file.parent
+    )
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class CocoObjects(Dataset):
         self.file_names: list[str] = []
         self.objects: list[ObjectRef] = []
         seen: set[str] = set(exclude)
-        for source_index, (source, coco) in enumerate(zip(sources, self.cocos)):
+        for source_index, (source, coco) in enumerate(zip(sources, self.cocos, strict=True)):
             for image_id in sorted(coco.getImgIds()):
                 info = coco.imgs[image_id]
                 name = Path(info["file_name"]).name
@@ -117,7 +121,9 @@ class CocoObjects(Dataset):
                 self.file_names.append(name)
                 self.objects.extend(ObjectRef(image_index, source_index, a) for a in anns)
         if not self.objects:
-            raise ValueError(f"no usable objects (non-crowd, area >= {min_area}) in {[str(s.annotation_file) for s in sources]}")
+            raise ValueError(
+                f"no usable objects (non-crowd, area >= {min_area}) in {[str(s.annotation_file) for s in sources]}"
+            )
 
     def __len__(self) -> int:
         return len(self.objects)
@@ -215,7 +221,13 @@ class EpochSampler(Sampler):
     """
 
     def __init__(
-        self, n: int, samples_per_epoch: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+        self,
+        n: int,
+        samples_per_epoch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
     ) -> None:
         self.n, self.samples_per_epoch, self.seed = n, samples_per_epoch, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle

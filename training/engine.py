@@ -22,7 +22,9 @@ from .evaluate import evaluate_patches, next_click
 @dataclass
 class TrainOptions:
     max_norm: float = 1.0
-    iterative_prob: float = 0.5  # share of batches trained on the model's own previous mask plus a corrective click
+    iterative_prob: float = (
+        0.5  # share of batches trained on the model's own previous mask plus a corrective click
+    )
     max_iterations: int = 3
     score_weight: float = 0.5
     seed: int = 0
@@ -75,9 +77,13 @@ def corrective_iterations(
         logits, _ = model(batch["image"].to(device), planes.to(device))
         preds = (logits[:, 0] > 0).cpu().numpy()
         new_planes = []
-        for pred, gt, sample_clicks in zip(preds, gts, clicks):
+        for pred, gt, sample_clicks in zip(preds, gts, clicks, strict=True):
             size = gt.shape[0]
-            done = [(round(r), round(c)) for r, c, _ in sample_clicks if 0 <= round(r) < size and 0 <= round(c) < size]
+            done = [
+                (round(r), round(c))
+                for r, c, _ in sample_clicks
+                if 0 <= round(r) < size and 0 <= round(c) < size
+            ]
             click = next_click(pred, gt, clicked=done) if len(sample_clicks) < 20 else None
             if click is not None:
                 sample_clicks.append((float(click[0]), float(click[1]), int(click[2])))
@@ -154,13 +160,18 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], device: torch.device, show_progress: bool = True
+    model: nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    show_progress: bool = True,
 ) -> dict[str, float]:
     """The report's Table 1 metrics on validation patches (first click only): mean / median IoU, IoU@0.7."""
     model.eval()
 
     def pairs():
-        for batch in tqdm(loader, desc="validate", disable=not show_progress, dynamic_ncols=True, leave=False):
+        for batch in tqdm(
+            loader, desc="validate", disable=not show_progress, dynamic_ncols=True, leave=False
+        ):
             logits, _ = model(batch["image"].to(device), batch["planes"].to(device))
             yield (logits[:, 0] > 0).cpu().numpy(), batch["mask"][:, 0].numpy() > 0.5
 

@@ -18,11 +18,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import torch
 import torch.distributed as dist
@@ -44,7 +49,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--images-dir", type=Path, action="append", help="image folder for each --data-path, in order")
     p.add_argument("--val-data-path", type=Path, action="append", help="validation COCO JSON (repeatable)")
     p.add_argument("--val-images-dir", type=Path, action="append")
-    p.add_argument("--val-split", type=float, default=0.1, help="share of training images held out without --val-data-path")
+    p.add_argument(
+        "--val-split",
+        type=float,
+        default=0.1,
+        help="share of training images held out without --val-data-path",
+    )
+    p.add_argument(
+        "--val-split-by",
+        choices=("images", "objects"),
+        default="images",
+        help="hold out whole images, or a share of the objects (for a dataset of one or two images)",
+    )
     p.add_argument("--output-dir", type=Path, default=Path("runs/deepcrop"))
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--samples-per-epoch", type=int, help="default: the number of training objects")
@@ -113,7 +129,11 @@ def init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); under torchrun, joins the process group (NCCL on GPUs, gloo on CPU)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = (
+        int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
@@ -138,12 +158,37 @@ def build_datasets(args: argparse.Namespace, config: DeepCropConfig) -> tuple[Co
         train = CocoObjects(train_sources, config, True, args.min_area, exclude=set(val.file_names))
         return train, val
     everything = CocoObjects(train_sources, config, False, args.min_area)
+    if args.val_split_by == "objects":
+        train = CocoObjects(train_sources, config, True, args.min_area)
+        return _split_objects(everything, train, args.val_split)
     names = sorted(everything.file_names)
-    n_val = max(1, round(len(names) * args.val_split)) if len(names) > 1 else 0
-    held_out = set(torch.utils.data.random_split(names, [n_val, len(names) - n_val], torch.Generator().manual_seed(0))[0])
+    n_val = held_out_count(len(names), args.val_split)
+    held_out = set(
+        torch.utils.data.random_split(names, [n_val, len(names) - n_val], torch.Generator().manual_seed(0))[0]
+    )
     train = CocoObjects(train_sources, config, True, args.min_area, exclude=held_out)
     val = CocoObjects(train_sources, config, False, args.min_area, only=held_out) if held_out else train
     return train, val
+
+
+def held_out_count(n: int, share: float) -> int:
+    """How many of ``n`` images or objects validation holds out: at least one, none when there is only one."""
+    return max(1, round(n * share)) if n > 1 else 0
+
+
+def _split_objects(everything: CocoObjects, train: CocoObjects, share: float) -> tuple[CocoObjects, CocoObjects]:
+    """Hold out a share of the objects rather than of the images; ``everything`` becomes the held-out set.
+
+    Both list the same objects in the same order (same sources, same filter), so their indices agree. A
+    held-out object may share an image with training objects: never a training target, it may be background.
+    """
+    order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(0)).tolist()
+    held_out = set(order[: held_out_count(len(everything), share)])
+    if not held_out:
+        return train, train
+    train.objects = [obj for i, obj in enumerate(train.objects) if i not in held_out]
+    everything.objects = [obj for i, obj in enumerate(everything.objects) if i in held_out]
+    return train, everything
 
 
 def lr_lambda_factory(warmup: int, total: int):
@@ -175,7 +220,12 @@ class _StopRequested(Exception):
     pass
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train (with ``--test-only``, only evaluate); returns the last validation metrics.
+
+    ``on_step(step)`` runs after every optimizer step; an exception raised there ends the run unsaved (the
+    napari widget's cancel button).
+    """
     rank, world, local = init_distributed()
     is_main = rank == 0
     device = pick_device(args.device)
@@ -200,7 +250,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     samples_per_epoch = args.samples_per_epoch or len(train_set)
     train_sampler = EpochSampler(len(train_set), samples_per_epoch, args.seed, rank, world)
     val_sampler = EpochSampler(len(val_set), min(args.val_samples, len(val_set) * 4), args.seed, shuffle=False)
-    loader_kw = {"batch_size": args.batch_size, "num_workers": args.workers, "worker_init_fn": _ignore_stop_signals}
+    loader_kw = {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "worker_init_fn": _ignore_stop_signals,
+    }
     train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=True, **loader_kw)
     val_loader = DataLoader(val_set, sampler=val_sampler, **loader_kw)
     steps_per_epoch = max(1, samples_per_epoch // world // args.batch_size)
@@ -250,19 +304,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         _cleanup(world)
         return metrics
 
-    stop = {"requested": False}
+    stop = {"requested": False, "step": step}
 
     def request_stop(signum, frame):  # noqa: ARG001
         stop["requested"] = True
 
-    previous = signal.signal(signal.SIGTERM, request_stop) if is_main or world == 1 else None
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers only work there
+    handles_signals = (is_main or world == 1) and in_main_thread
+    # Ctrl+C and SIGTERM only raise a flag, checked between optimizer steps, so the saved state is consistent
+    signals = (signal.SIGINT, signal.SIGTERM) if handles_signals else ()
+    previous = {sig: signal.signal(sig, request_stop) for sig in signals}
     log_path = args.output_dir / "log.csv"
     metrics: dict[str, float] = {}
     start = time.time()
 
-    def on_step(step_now: int) -> None:
+    def after_step(step_now: int) -> None:
+        stop["step"] = step_now  # where an interrupted run stops: always between two optimizer steps
         if stop["requested"]:
             raise _StopRequested
+        if on_step is not None:
+            on_step(step_now)
 
     try:
         while epoch < args.epochs and (args.max_steps is None or step < args.max_steps):
@@ -280,17 +341,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 step,
                 TrainOptions(iterative_prob=args.iterative_prob, seed=args.seed),
                 max_steps=args.max_steps,
-                on_step=on_step,
+                on_step=after_step,
                 show_progress=is_main and not args.no_progress,
             )
             finished_epoch = step >= (epoch + 1) * steps_per_epoch
             if is_main:
                 metrics = evaluate(model_without_ddp, val_loader, device, not args.no_progress)
-                metrics.update(epoch=epoch, step=step, train_loss=loss, lr=scheduler.get_last_lr()[0],
-                               elapsed_s=round(time.time() - start, 1))
+                metrics.update(
+                    epoch=epoch,
+                    step=step,
+                    train_loss=loss,
+                    lr=scheduler.get_last_lr()[0],
+                    elapsed_s=round(time.time() - start, 1),
+                )
                 _append_csv(log_path, metrics)
-                print(f"epoch {epoch} step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                                   if isinstance(v, float)), flush=True)
+                print(
+                    f"epoch {epoch} step {step}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
+                    flush=True,
+                )
                 if metrics["mean_iou"] > best:
                     best = metrics["mean_iou"]
                     save("best.pt", epoch + int(finished_epoch), step)
@@ -298,19 +367,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             save("checkpoint.pt", epoch, step)
             if world > 1:
                 dist.barrier()
-    except (KeyboardInterrupt, _StopRequested):
+    except _StopRequested:
+        step = stop["step"]
         save("checkpoint.pt", epoch, step)
         if is_main:
-            print(f"interrupted: saved {args.output_dir / 'checkpoint.pt'} at step {step}; --resume it to go on",
-                  file=sys.stderr)
+            print(
+                f"interrupted: saved {args.output_dir / 'checkpoint.pt'} at step {step}; --resume it to go on",
+                file=sys.stderr,
+            )
         _cleanup(world)
         raise SystemExit(130) from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if is_main:
-        print(f"done: {step} steps in {time.time() - start:.0f} s; best validation mean IoU {best:.4f}; "
-              f"checkpoints in {args.output_dir}")
+        print(
+            f"done: {step} steps in {time.time() - start:.0f} s; best validation mean IoU {best:.4f}; "
+            f"checkpoints in {args.output_dir}"
+        )
     _cleanup(world)
     return metrics
 

@@ -1,29 +1,43 @@
-"""DeepCropWidget: click-assisted annotation in napari, a thin layer over :mod:`napari_deepcrop.session`.
+"""DeepCropWidget: click-assisted annotation in napari, a thin layer over the Qt-free modules.
 
 Clicks live in a Points layer ("DeepCrop clicks", in the image's data coordinates), the current object in a
 small Labels layer ("DeepCrop preview", the mask's bounding box only), and committed objects in the target
 Labels layer, written with ``Labels.data_setitem`` so napari's undo works. Predictions run on a worker thread,
-one at a time: clicks made while one runs are predicted together as soon as it returns.
+one at a time: clicks made while one runs are predicted together as soon as it returns (:mod:`.session`).
+
+A dataset navigator (:mod:`.dataset`) shows a folder of images or a COCO file one image at a time in two layers,
+keeping each image's labels as the user steps on. Export to COCO and fine-tuning (:mod:`.finetune`) run on a
+worker thread, one at a time, with napari progress and a cancel button; they never open a dialog themselves
+(``export_coco(folder)``, ``fine_tune(folder)``): the buttons ask for the folder first.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from app_model.types import KeyCode, KeyMod
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
+from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.transforms import CompositeAffine
-from qtpy.QtWidgets import QComboBox
+from qtpy.QtWidgets import QComboBox, QFileDialog, QMenu, QMessageBox
+from superqt.utils import ensure_main_thread
 
 from . import _llvm_guard  # noqa: F401  (before the modules that import torch)
+from ._writer import _file_stem
 from .checkpoint import default_checkpoint_path
+from .coco import ANNOTATIONS_JSON
+from .dataset import AnnotationDataset, image_source
+from .finetune import FinetuneResult, finetune
 from .predictor import DeepCropPredictor
 from .session import (
     AnnotationSession,
@@ -41,6 +55,13 @@ if TYPE_CHECKING:
 
 CLICKS = "DeepCrop clicks"
 PREVIEW = "DeepCrop preview"
+DATASET_IMAGE = "DeepCrop dataset image"
+DATASET_LABELS = "DeepCrop dataset labels"
+FINETUNE_PHASES = {
+    "before": "Fine-tune: measuring the current model",
+    "training": "Fine-tune: training",
+    "after": "Fine-tune: measuring the fine-tuned model",
+}
 NEW_LABELS = "(new Labels layer)"
 DEFAULT_CATEGORY = "object"
 DRAG_PIXELS = 5  # a press and release closer than this on the canvas is a click, farther a pan
@@ -90,6 +111,45 @@ def _run(job: _Job) -> _Result:
         return _Result(job, predictor, error=f"DeepCrop: {exc}", warning=warning)
 
 
+class _Cancelled(Exception):
+    """Raised in a task's progress report when the user cancelled it."""
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    value: Any = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+Report = Callable[[str, int], None]  # (description, progress value); raises _Cancelled
+
+
+def _run_task(work: Callable[[Report], Any], report: Report) -> _Outcome:
+    """The worker of an export or fine-tune: never raises, so every error reaches the user as a notification."""
+    try:
+        return _Outcome(work(report))
+    except _Cancelled:
+        return _Outcome(cancelled=True)
+    except (Exception, SystemExit) as exc:  # the training CLI exits on bad arguments
+        return _Outcome(error=f"DeepCrop: {exc}")
+
+
+def _export(dataset: AnnotationDataset, folder: Path, overwrite: bool, report: Report) -> Path:
+    return dataset.export(folder, overwrite, on_image=lambda done, total: report("Exporting COCO", done))
+
+
+def _fine_tune(
+    dataset: AnnotationDataset, folder: Path, overwrite: bool, init: Path | None, steps: int, device: str,
+    report: Report,
+) -> FinetuneResult:  # fmt: skip
+    report("Fine-tune: exporting the annotations", 0)
+    json_path = dataset.export(folder, overwrite)
+    return finetune(
+        json_path, steps, init, device=device, on_progress=lambda phase, step: report(FINETUNE_PHASES[phase], step)
+    )
+
+
 def _image_array(image: Image) -> Any:
     return image.data[0] if image.multiscale else image.data
 
@@ -117,6 +177,13 @@ class DeepCropWidget(Container):
         self._wanted = False  # the clicks changed while a prediction ran: predict again when it returns
         self._clicks_layer: Points | None = None
         self._preview_layer: Labels | None = None
+        self.dataset: AnnotationDataset | None = None  # the navigator's set, when one is open
+        self._dataset_layers: tuple[Image | None, Labels | None] = (None, None)
+        self._task = None  # the export or fine-tune running, one at a time
+        self.fine_tune_result: FinetuneResult | None = None  # the last fine-tune's
+        self._progress: cancelable_progress | None = None
+        self._cancel_requested = threading.Event()
+        self._folder: Path | None = None  # where dialogs start: the last export, or the open dataset
 
         self._image = ComboBox(label="Image", choices=self._image_choices)
         self._target = ComboBox(label="Labels", choices=self._target_choices)
@@ -130,12 +197,25 @@ class DeepCropWidget(Container):
         self._overwrite = CheckBox(text="Overwrite other objects")
         commit = PushButton(text="Commit (Enter)")
         discard = PushButton(text="Discard (Escape)")
+        open_dataset = PushButton(text="Open folder / COCO…")
+        menu = QMenu(open_dataset.native)
+        menu.addAction("Folder of images…", self._open_folder_dialog)
+        menu.addAction("COCO json…", self._open_json_dialog)
+        open_dataset.native.setMenu(menu)
+        previous, next_ = PushButton(text="◀ Previous"), PushButton(text="Next ▶")
+        self._dataset_note = Label(value="no dataset open: annotate the image layers, or open a folder")
+        export, tune = PushButton(text="Export COCO…"), PushButton(text="Fine-tune on these annotations…")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self._steps = SpinBox(label="Fine-tune steps", value=200, min=1, max=100_000)
+        self._task_note = Label(label="Jobs", value="none yet")
         # Whole-layer actions (export, training) add their buttons to this row.
-        self.actions = Container(layout="horizontal", labels=False)
+        self.actions = Container(widgets=[export, tune, self._cancel], layout="horizontal", labels=False)
         buttons = Container(widgets=[commit, discard], layout="horizontal", labels=False)
+        navigator = Container(widgets=[open_dataset, previous, next_], layout="horizontal", labels=False)
         self.extend([
             self._image, self._target, self._category, self._checkpoint, self._device, self._device_note,
-            self._tool, self._overwrite, buttons, self.actions, Label(value=SHORTCUTS),
+            self._tool, self._overwrite, buttons, navigator, self._dataset_note, self.actions, self._steps,
+            self._task_note, Label(value=SHORTCUTS),
         ])  # fmt: skip
 
         self._image.changed.connect(self._on_image_changed)
@@ -145,6 +225,11 @@ class DeepCropWidget(Container):
         self._tool.changed.connect(self._on_tool_changed)
         commit.clicked.connect(self.commit)
         discard.clicked.connect(self.discard)
+        previous.clicked.connect(self.previous_image)
+        next_.clicked.connect(self.next_image)
+        export.clicked.connect(self._export_clicked)
+        tune.clicked.connect(self._fine_tune_clicked)
+        self._cancel.clicked.connect(self.cancel_task)
         for event in ("inserted", "removed", "renamed"):
             getattr(viewer.layers.events, event).connect(self.reset_choices)
         viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -373,6 +458,263 @@ class DeepCropWidget(Container):
         if active is not None:
             self._viewer.layers.selection.active = active
         return layer
+
+    # ----- the dataset navigator -----------------------------------------------------------------------------
+    def open_dataset(self, path: str | Path) -> bool:
+        """Open a folder of images or a COCO json in the navigator and show its first image."""
+        try:
+            dataset = AnnotationDataset.open(path)
+            shown = dataset.image(), *dataset.labels()
+        except (OSError, ValueError, KeyError) as exc:  # unreadable, no images, not COCO
+            show_error(f"DeepCrop: cannot open {path}: {exc}")
+            return False
+        self.dataset = dataset
+        self._folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        self._show_dataset_image(*shown)
+        return True
+
+    def next_image(self) -> bool:
+        return self.go_to_image(self.dataset.index + 1) if self._require_dataset() else False
+
+    def previous_image(self) -> bool:
+        return self.go_to_image(self.dataset.index - 1) if self._require_dataset() else False
+
+    def go_to_image(self, index: int) -> bool:
+        """Keep the labels of the image shown, then show image ``index`` of the set (0-based) with its labels."""
+        dataset = self._require_dataset()
+        if dataset is None:
+            return False
+        if not 0 <= index < len(dataset):
+            show_info(f"DeepCrop: {'last' if index >= len(dataset) else 'first'} image of the set")
+            return False
+        self._store_dataset_image()
+        leaving = dataset.index
+        dataset.go(index)
+        try:
+            shown = dataset.image(), *dataset.labels()
+        except (OSError, ValueError) as exc:
+            dataset.go(leaving)
+            show_error(f"DeepCrop: cannot show image {index + 1}: {exc}")
+            return False
+        self._show_dataset_image(*shown)
+        return True
+
+    def _store_dataset_image(self) -> None:
+        """Keep what the dataset's Labels layer holds for the image shown (unless the user removed the layer)."""
+        labels = self._dataset_layers[1]
+        if self.dataset is not None and labels in self._viewer.layers:
+            self.dataset.store(labels.data, labels.features)
+
+    def _show_dataset_image(self, pixels: np.ndarray, labels: np.ndarray, features: dict[str, list]) -> None:
+        """Put the current image of the set and its labels into the two dataset layers (made when missing)."""
+        self.discard()
+        dataset, layers = self.dataset, self._viewer.layers
+        item = dataset.current
+        image_layer, labels_layer = self._dataset_layers
+        old_shape = None if image_layer not in layers else _spatial_shape(image_layer)
+        image_meta = {"coco": {"path": str(item.image)}} if isinstance(item.image, Path) else {}
+        kept = {"categories": dataset.categories, "info": dataset.info, "licenses": dataset.licenses}
+        labels_meta = {"coco": {**({"image": item.record} if item.record else {}), **kept}}
+        features = {**features, "index": features["label"]} if "label" in features else features
+        if image_layer in layers and image_layer.rgb == (pixels.ndim == 3):
+            image_layer.data, image_layer.metadata = pixels, image_meta
+            image_layer.reset_contrast_limits_range()
+            image_layer.reset_contrast_limits()
+        else:
+            if image_layer in layers:
+                layers.remove(image_layer)
+            image_layer = self._add_layer(self._viewer.add_image, pixels, name=DATASET_IMAGE, metadata=image_meta)
+        if labels_layer in layers:
+            labels_layer.data, labels_layer.features, labels_layer.metadata = labels, features, labels_meta
+            labels_layer._reset_history()  # napari would otherwise undo the last image's edits onto this one
+        else:
+            labels_layer = self._add_layer(
+                self._viewer.add_labels, labels, name=DATASET_LABELS, features=features, metadata=labels_meta
+            )
+        self._dataset_layers = (image_layer, labels_layer)
+        for layer in (labels_layer, self._preview_layer, self._clicks_layer):  # image, labels, then the tool's
+            if layer in layers:
+                layers.move(layers.index(layer), len(layers))
+        self._image.value = image_layer
+        self._target.value = labels_layer
+        self._on_target_changed(labels_layer)
+        self._dataset_note.value = dataset.title
+        if old_shape != _spatial_shape(image_layer):
+            self._viewer.reset_view()
+
+    def _require_dataset(self) -> AnnotationDataset | None:
+        if self.dataset is None:
+            show_info("DeepCrop: no dataset open: Open folder / COCO… first")
+        return self.dataset
+
+    def _open_folder_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self.native, "Open a folder of images", self._start_folder())
+        if folder:
+            self.open_dataset(folder)
+
+    def _open_json_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self.native, "Open a COCO json", self._start_folder(), "COCO json (*.json)"
+        )
+        if path:
+            self.open_dataset(path)
+
+    # ----- export and fine-tuning ----------------------------------------------------------------------------
+    def export_coco(self, folder: str | Path, overwrite: bool | None = None) -> bool:
+        """Write ``annotations.json`` and the images into ``folder`` on a worker thread: the navigator's whole set
+        if one is open, else the image and its Labels layer. ``overwrite=None``: ask before replacing an export.
+        False when nothing was started."""
+        dataset = self._annotations()
+        overwrite = None if dataset is None else self._may_write(Path(folder), overwrite)
+        if overwrite is None:
+            return False
+        annotated, total = len(dataset.annotated()), len(dataset)
+        left_out = f" ({total - annotated} never opened are left out)" if annotated < total else ""
+
+        def done(json_path: Path) -> None:
+            self._folder = json_path.parent
+            self._task_note.value = f"exported {annotated} image(s) to {json_path}"
+            show_info(f"DeepCrop: exported {annotated} image(s) to {json_path}{left_out}")
+
+        work = partial(_export, dataset, Path(folder), overwrite)
+        return self._start_task("Exporting COCO", annotated, work, done)
+
+    def fine_tune(self, folder: str | Path, steps: int | None = None, overwrite: bool | None = None) -> bool:
+        """Export the annotations into ``folder``, fine-tune the current model on them for ``steps`` (default:
+        the widget's) on a worker thread, then use the new model; the result reports the mean IoU on held-out
+        objects before and after. Cancelling keeps the current model. False when nothing was started."""
+        dataset = self._annotations()
+        overwrite = None if dataset is None else self._may_write(Path(folder), overwrite)
+        if overwrite is None:
+            return False
+        steps = steps or self._steps.value
+        init = self._checkpoint_path()
+        work = partial(_fine_tune, dataset, Path(folder), overwrite, init, steps, self._device.value)
+        return self._start_task("Fine-tune", steps, work, partial(self._on_fine_tuned, init))
+
+    def cancel_task(self) -> None:
+        """Stop the running export or fine-tune at its next step; nothing of it is kept."""
+        if self._task is not None:
+            self._cancel_requested.set()
+            self._task_note.value = "cancelling at the next step…"
+
+    @property
+    def task_running(self) -> bool:
+        """An export or fine-tune is running."""
+        return self._task is not None
+
+    def _on_fine_tuned(self, init: Path | None, result: FinetuneResult) -> None:
+        self.fine_tune_result = result
+        self._folder = result.checkpoint.parent.parent
+        previous = (init or default_checkpoint_path()).name
+        self._checkpoint.value = result.checkpoint  # the next click loads it
+        self._task_note.value = f"{result.summary}; now using {result.checkpoint}"
+        worse = result.after["mean_iou"] < result.before["mean_iou"]
+        advice = f" It did worse: set the checkpoint back to {previous} to undo." if worse else ""
+        show_info(f"DeepCrop: fine-tuned: {result.summary}. Now using {result.checkpoint}.{advice}")
+
+    def _annotations(self) -> AnnotationDataset | None:
+        """What an export holds: a copy of the navigator's set, else the image with its target Labels layer."""
+        if self.dataset is not None:
+            self._store_dataset_image()
+            return self.dataset.snapshot()
+        image = self._require_image()
+        if image is None or not self._check_target(image):
+            return None
+        target = self._target.value
+        if target is None:
+            show_warning("DeepCrop: nothing to export: commit objects into a Labels layer first")
+            return None
+        pixels = _image_array(image)
+        if len(_spatial_shape(image)) != 2:
+            show_warning(f"DeepCrop: COCO export takes 2D images; '{image.name}' is {image.ndim}D")
+            return None
+        path = image.metadata.get("coco", {}).get("path") or image.source.path
+        source = image_source(path, pixels.shape)
+        kept = target.metadata.get("coco", {})
+        file_name = source.name if source else f"{_file_stem(image.name)}.png"
+        try:
+            image = source if source else np.asarray(pixels)
+            return AnnotationDataset.single(image, file_name, target.data, target.features, kept.get("image"), kept)
+        except ValueError as exc:
+            show_error(f"DeepCrop: {exc}")
+            return None
+
+    def _may_write(self, folder: Path, overwrite: bool | None) -> bool | None:
+        """The overwrite flag to export with; None when an export is there and is not to be replaced."""
+        json_path = folder / ANNOTATIONS_JSON
+        if json_path.exists():
+            if overwrite is None:
+                overwrite = self._ask_overwrite(json_path)
+            if not overwrite:
+                show_info(f"DeepCrop: {json_path} exists and was kept: nothing written")
+                return None
+        return bool(overwrite)
+
+    def _start_task(self, title: str, total: int, work: Callable[[Report], Any], done: Callable) -> bool:
+        if self._task is not None:
+            show_warning("DeepCrop: an export or fine-tune is running: wait for it, or cancel it")
+            return False
+        self._cancel_requested.clear()
+        bar = cancelable_progress(total=total, desc=title)
+        self._progress = bar
+        self._task_note.value = title
+        self._cancel.enabled = True
+
+        def report(description: str, value: int) -> None:  # on the worker thread
+            if self._cancel_requested.is_set() or bar.is_canceled:  # our button, or napari's activity dock
+                raise _Cancelled
+            self._show_progress(bar, description, value)
+
+        self._task = create_worker(_run_task, work, report, _connect={"returned": partial(self._task_done, done)})
+        return True
+
+    @ensure_main_thread
+    def _show_progress(self, bar: cancelable_progress, description: str, value: int) -> None:
+        if bar is self._progress:
+            bar.set_description(description)
+            bar.update(value - bar.n)
+            total = f" {value} / {bar.total}" if description.endswith("training") else ""
+            self._task_note.value = f"{description}{total}"
+
+    def _task_done(self, done: Callable, outcome: _Outcome) -> None:
+        self._task, bar, self._progress = None, self._progress, None
+        bar.close()
+        self._cancel.enabled = False
+        if outcome.cancelled:
+            self._task_note.value = "cancelled: nothing kept"
+            show_info("DeepCrop: cancelled; the model in use is unchanged")
+        elif outcome.error:
+            self._task_note.value = "failed (see the notification)"
+            show_error(outcome.error)
+        else:
+            done(outcome.value)
+
+    def _export_clicked(self) -> None:
+        folder = self._ask_folder("Export COCO: choose the folder for annotations.json and the images")
+        if folder is not None:
+            self.export_coco(folder)
+
+    def _fine_tune_clicked(self) -> None:
+        folder = self._ask_folder("Fine-tune: choose the folder to export to (the new model goes there too)")
+        if folder is not None:
+            self.fine_tune(folder)
+
+    # ----- dialogs: the buttons' only; tests replace them ---------------------------------------------------
+    def _ask_folder(self, title: str) -> Path | None:
+        folder = QFileDialog.getExistingDirectory(self.native, title, self._start_folder())
+        return Path(folder) if folder else None
+
+    def _ask_overwrite(self, json_path: Path) -> bool:
+        answer = QMessageBox.question(
+            self.native,
+            "Replace the export?",
+            f"{json_path} exists. Replace it?\n\nImages already in the folder are kept (never replaced by others).",
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _start_folder(self) -> str:
+        return str(self._folder or Path.home())
 
     # ----- settings ----------------------------------------------------------------------------------------
     def reset_choices(self, *_: Any) -> None:

@@ -35,7 +35,10 @@ def save_checkpoint(path: str | os.PathLike, model: DeepCropV2, half: bool = Fal
 
     ``half=True`` stores floating-point weights as float16, halving the file (for the bundled checkpoint).
     """
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in model.state_dict().items()}
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
+        for k, v in model.state_dict().items()
+    }
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -65,7 +68,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file): {exc}") from exc
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or not a torch file): {exc}"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a napari-deepcrop checkpoint (no '{FORMAT}' format tag)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -92,5 +97,7 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> tuple[DeepCropV2, 
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the architecture in its own config: {exc}") from exc
+        raise CheckpointError(
+            f"{path}: weights do not match the architecture in its own config: {exc}"
+        ) from exc
     return model.eval(), payload

@@ -50,22 +50,45 @@ def coco_info(args: argparse.Namespace) -> None:
     print(describe_coco(args.file))
 
 
+def gui(args: argparse.Namespace) -> None:
+    """Open napari with the DeepCrop widget docked, on IMAGE or the coffee sample."""
+    import napari
+
+    viewer = napari.Viewer(title="napari-deepcrop")
+    if args.image is None:
+        viewer.open_sample("napari-deepcrop", "coffee")
+    else:
+        viewer.open(args.image)
+    viewer.window.add_plugin_dock_widget("napari-deepcrop", "DeepCrop click segmentation")
+    napari.run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-deepcrop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="segment one object from clicks, headless")
     p.add_argument("image", type=Path)
-    p.add_argument("--click", type=_click, action="append", default=[], metavar="ROW,COL", help="positive click")
-    p.add_argument("--negative", type=_click, action="append", default=[], metavar="ROW,COL", help="negative click")
+    p.add_argument(
+        "--click", type=_click, action="append", default=[], metavar="ROW,COL", help="positive click"
+    )
+    p.add_argument(
+        "--negative", type=_click, action="append", default=[], metavar="ROW,COL", help="negative click"
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="mask image to write (PNG)")
     p.add_argument("--checkpoint", type=Path, help="default: the bundled model")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     p.set_defaults(func=segment)
 
+    p = sub.add_parser("gui", help="open napari with the DeepCrop widget on an image (default: a sample)")
+    p.add_argument("image", type=Path, nargs="?")
+    p.set_defaults(func=gui)
+
     p = sub.add_parser("export", help="label images on disk -> COCO dataset")
     p.add_argument("--images", type=Path, required=True, help="folder of images")
-    p.add_argument("--labels", type=Path, required=True, help="folder of label images, matched to images by stem")
+    p.add_argument(
+        "--labels", type=Path, required=True, help="folder of label images, matched to images by stem"
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=export)

@@ -29,7 +29,7 @@ import json
 import os
 import secrets
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -654,14 +654,7 @@ def read_coco_dataset(
     names it. ``dataset``: the already parsed json, to spare parsing a large file twice.
     """
     coco = load_coco(path, dataset)
-    roots = _image_roots(Path(path), image_dir)
-    found = {image_id: _find_image(record["file_name"], roots) for image_id, record in coco.imgs.items()}
-    missing = [coco.imgs[image_id]["file_name"] for image_id, image in found.items() if image is None]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} image(s) of {path} not found in {[str(r) for r in roots]}: "
-            f"{missing[:10]}; pass image_dir"
-        )
+    found = find_images(path, coco.imgs.values(), image_dir)
     entries = [
         CocoEntry(
             image, *coco_to_labels(coco, image_id), coco.imgs[image_id]["file_name"], coco.imgs[image_id]
@@ -670,6 +663,23 @@ def read_coco_dataset(
     ]
     dataset = coco.dataset
     return CocoDataset(entries, dataset["categories"], dataset.get("info", {}), dataset.get("licenses", []))
+
+
+def find_images(
+    path: str | os.PathLike, records: Iterable[Mapping[str, Any]], image_dir: str | os.PathLike | None = None
+) -> dict[int, Path]:
+    """Image id -> file of each COCO image record of the json at ``path``, looked for as ``read_coco_dataset``
+    does; a missing file is an error that names it (and the first few others)."""
+    records = list(records)
+    roots = _image_roots(Path(path), image_dir)
+    found = {record["id"]: _find_image(record["file_name"], roots) for record in records}
+    missing = [record["file_name"] for record in records if found[record["id"]] is None]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) of {path} not found in {[str(r) for r in roots]}: "
+            f"{missing[:10]}; pass image_dir"
+        )
+    return found
 
 
 def _image_roots(json_path: Path, image_dir: str | os.PathLike | None) -> list[Path]:

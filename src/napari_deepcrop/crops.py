@@ -57,10 +57,11 @@ def read_crop(
     scale = size / crop.side
     step = max(1, int(1 / (2 * scale)))
     r0, r1, c0, c1 = crop.bounds(image.shape[:2])
-    if r1 <= r0 or c1 <= c0:
-        return np.zeros((size, size, *image.shape[2:]), np.float32)
     region = np.asarray(image[r0:r1:step, c0:c1:step])
     region = to_float(region) if to_float is not None else region.astype(np.float32)
+    channels = region.shape[2:]  # to_float may change them (grayscale -> RGB, RGBA -> RGB)
+    if region.shape[0] == 0 or region.shape[1] == 0:
+        return np.zeros((size, size, *channels), np.float32)
     # output index i -> image coordinate crop.row0 + (i + 0.5) / scale -> region index (x - r0) / step - 0.5
     m = np.array(
         [
@@ -76,7 +77,7 @@ def read_crop(
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=0,
     )
-    return out.reshape(size, size, *image.shape[2:])
+    return out.reshape(size, size, *channels)
 
 
 def paste_logits(

@@ -76,7 +76,9 @@ class DeepCropConfig:
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class _Trunk(nn.Module):
@@ -134,7 +136,9 @@ class _DeepMaskHead(nn.Module):
         super().__init__()
         self.coarse = coarse
         self.reduce = nn.Sequential(nn.Conv2d(cin, 128, 1), nn.ReLU(inplace=True))
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(128 * feat_size * feat_size, 512), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * feat_size * feat_size, 512), nn.ReLU(inplace=True)
+        )
         self.mask = nn.Linear(512, coarse * coarse)
 
     def forward(self, feats: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -149,15 +153,16 @@ class _RefineHead(nn.Module):
         super().__init__()
         w = width
         self.top = _conv_bn_relu(channels[-1], 4 * w)
-        self.skips = nn.ModuleList(_conv_bn_relu(c, s) for c, s in zip(channels[:-1], (w, 2 * w, 2 * w)))
+        self.skips = nn.ModuleList(_conv_bn_relu(c, s) for c, s in zip(channels[:-1], (w, 2 * w, 2 * w), strict=True))
         self.merges = nn.ModuleList(
-            _conv_bn_relu(cin + s, cout) for cin, s, cout in ((4 * w, 2 * w, 2 * w), (2 * w, 2 * w, w), (w, w, w))
+            _conv_bn_relu(cin + s, cout)
+            for cin, s, cout in ((4 * w, 2 * w, 2 * w), (2 * w, 2 * w, w), (w, w, w))
         )
         self.out = nn.Conv2d(w, 1, 3, padding=1)
 
     def forward(self, feats: list[torch.Tensor], size: int) -> torch.Tensor:
         x = self.top(feats[-1])
-        for feat, skip, merge in zip(reversed(feats[:-1]), reversed(self.skips), self.merges):
+        for feat, skip, merge in zip(reversed(feats[:-1]), reversed(self.skips), self.merges, strict=True):
             x = F.interpolate(x, size=feat.shape[-2:], mode="bilinear", align_corners=False)
             x = merge(torch.cat([x, skip(feat)], dim=1))
         return F.interpolate(self.out(x), size=(size, size), mode="bilinear", align_corners=False)
@@ -172,7 +177,9 @@ class _ScoreHead(nn.Module):
 
     def forward(self, feat: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
         prob = torch.sigmoid(mask_logits.detach())
-        mask_stats = torch.stack([prob.mean(dim=(1, 2, 3)), (prob * (1 - prob)).mean(dim=(1, 2, 3)) * 4], dim=1)
+        mask_stats = torch.stack(
+            [prob.mean(dim=(1, 2, 3)), (prob * (1 - prob)).mean(dim=(1, 2, 3)) * 4], dim=1
+        )
         pooled = torch.cat([feat.mean(dim=(2, 3)), mask_stats], dim=1)
         return self.fc(pooled).squeeze(1)
 
@@ -186,7 +193,9 @@ class DeepCropV2(nn.Module):
         self.trunk = _Trunk(self.config, pretrained)
         feat_size = self.config.input_size // 16
         if self.config.head == "deepmask":
-            self.mask_head: nn.Module = _DeepMaskHead(self.trunk.channels[-1], feat_size, self.config.deepmask_coarse)
+            self.mask_head: nn.Module = _DeepMaskHead(
+                self.trunk.channels[-1], feat_size, self.config.deepmask_coarse
+            )
         else:
             self.mask_head = _RefineHead(self.trunk.channels, self.config.decoder_width)
         self.score_head = _ScoreHead(self.trunk.channels[-1])
@@ -197,7 +206,9 @@ class DeepCropV2(nn.Module):
         """``image``: RGB in [0, 1]; ``click_planes``: from :func:`napari_deepcrop.clicks.encode_clicks`."""
         size = self.config.input_size
         if image.shape[-2:] != (size, size) or click_planes.shape[-2:] != (size, size):
-            raise ValueError(f"inputs must be {size}x{size}, got {tuple(image.shape)} and {tuple(click_planes.shape)}")
+            raise ValueError(
+                f"inputs must be {size}x{size}, got {tuple(image.shape)} and {tuple(click_planes.shape)}"
+            )
         if click_planes.shape[1] != self.config.click_planes:
             raise ValueError(f"expected {self.config.click_planes} click planes, got {click_planes.shape[1]}")
         x = torch.cat([(image - self.mean) / self.std, click_planes], dim=1)

@@ -24,6 +24,9 @@ MIN_CROP_SIDE = 64
 # training draws object extent / crop side in [0.3, 1.4]; a refinement crop puts the current object at this ratio
 REFINE_RATIO = 0.6
 STATS_PIXELS = 1_000_000
+# a lazy (dask, zarr) image loads every chunk a crop touches, strided or not: a first click reads at most this
+# square of it (objects up to about this size), not up to twice the whole image
+LAZY_MAX_CROP_SIDE = 4096
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -85,6 +88,11 @@ class ImageSource:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.array.shape[:2])
+
+    @property
+    def max_crop_side(self) -> float:
+        """A strided read of a numpy array touches only the rows it keeps; of a chunked one, whole chunks."""
+        return math.inf if isinstance(self.array, np.ndarray) else LAZY_MAX_CROP_SIDE
 
     def to_float(self, region: np.ndarray) -> np.ndarray:
         """A region of the raw array -> (h, w, 3) float32 in [0, 1]; NaNs become 0."""
@@ -180,10 +188,12 @@ class DeepCropPredictor:
         if prev_mask is not None:
             prev_mask = np.asarray(prev_mask)
             if prev_mask.shape != source.shape:
-                raise ValueError(f"prev_mask must have the image's shape {source.shape}, got {prev_mask.shape}")
+                raise ValueError(
+                    f"prev_mask must have the image's shape {source.shape}, got {prev_mask.shape}"
+                )
             if not prev_mask.any():
                 prev_mask = None
-        crops = self._candidate_crops(points, labels, prev_mask, source.shape)
+        crops = self._candidate_crops(points, labels, prev_mask, source.shape, source.max_crop_side)
         logits, scores = self._run(source, crops, points, labels, prev_mask)
         best = int(np.argmax(scores))
         crop_mask, (row0, col0) = paste_logits(logits[best], crops[best], source.shape)
@@ -218,15 +228,16 @@ class DeepCropPredictor:
             raise ValueError(f"click {points[outside][0].tolist()} is outside the image of shape {shape}")
         return points, labels.astype(np.int64)
 
-    def _candidate_crops(self, points, labels, prev_mask, shape) -> list[Crop]:
-        """First click: a geometric series of scales around it; refinement: around the mask and all clicks."""
+    def _candidate_crops(self, points, labels, prev_mask, shape, max_side: float = math.inf) -> list[Crop]:
+        """First click: a geometric series of scales around it (up to ``max_side``); refinement: around the
+        mask and all clicks."""
         if prev_mask is None:
             center = points[labels == 1][0]
             sides, side = [], MIN_CROP_SIDE
-            while side < 2 * max(shape):
+            while side < min(2 * max(shape), max_side):
                 sides.append(side)
                 side *= 2
-            sides.append(side)
+            sides.append(min(side, max_side))
             return [Crop.centered(center, s) for s in sides]
         rows, cols = np.nonzero(prev_mask.any(axis=1))[0], np.nonzero(prev_mask.any(axis=0))[0]
         lo = np.minimum([rows[0], cols[0]], points.min(axis=0))
