@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from napari_deepcrop.training.data import CocoObjects, CocoSource, EpochSampler, make_sample
-from napari_deepcrop.training.engine import TrainOptions, full_iou, mask_loss
+from napari_deepcrop.training.engine import TrainOptions, optimizer_step
 from napari_deepcrop.training.train import parse_args as parse_train_args
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from napari_deepcrop.model import HEADS, TRUNKS, DeepCropConfig, DeepCropV2
@@ -95,18 +93,7 @@ def train_step_seconds(
     for step in range(steps + 2):
         batch = on_device[step % len(on_device)]
         tic = time.perf_counter()
-        with torch.autocast(device.type, enabled=amp):
-            mask_logits, score_logits = model(batch["image"], batch["planes"])
-        mask_logits, score_logits = mask_logits.float(), score_logits.float()
-        iou = full_iou(mask_logits, batch["mask"], batch["outside"])
-        score_loss = F.binary_cross_entropy_with_logits(score_logits, iou)
-        loss = mask_loss(mask_logits, batch["mask"]) + options.score_weight * score_loss
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), options.max_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(model, batch, batch["planes"], optimizer, scaler, options, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= 2:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,39 +151,18 @@ def _run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)
 
 
+def train_command(coco, out, *extra):
+    """``-m napari_deepcrop.training.train`` arguments for a small run on the synthetic dataset."""
+    return ["-m", "napari_deepcrop.training.train", "--data-path", str(coco), "--output-dir", str(out),
+            "--input-size", "64", "--workers", "0", "--val-split", "0.34", *extra]
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_write_one_checkpoint(coco, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29517",
-        "-m",
-        "napari_deepcrop.training.train",
-        "--data-path",
-        str(coco),
-        "--output-dir",
-        str(out),
-        "--input-size",
-        "64",
-        "--batch-size",
-        "2",
-        "--samples-per-epoch",
-        "8",
-        "--epochs",
-        "1",
-        "--workers",
-        "0",
-        "--val-samples",
-        "4",
-        "--val-split",
-        "0.34",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           *train_command(coco, out, "--batch-size", "2", "--samples-per-epoch", "8", "--epochs", "1",
+                          "--val-samples", "4", "--no-progress", "--device", "cpu")]
     result = _run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "log.csv"]
@@ -194,41 +174,20 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(coco, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint(coco, tmp_path):
     out = tmp_path / "term"
-    cmd = [
-        sys.executable,
-        "-m",
-        "napari_deepcrop.training.train",
-        "--data-path",
-        str(coco),
-        "--output-dir",
-        str(out),
-        "--input-size",
-        "64",
-        "--batch-size",
-        "2",
-        "--samples-per-epoch",
-        "100000",
-        "--epochs",
-        "1",
-        "--workers",
-        "0",
-        "--val-split",
-        "0.34",
-    ]
+    cmd = [sys.executable, *train_command(coco, out, "--batch-size", "2", "--samples-per-epoch", "100000",
+                                          "--epochs", "1")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
-        deadline = time.time() + 300
-        line = ""
-        while time.time() < deadline and "epoch 0:" not in line or "/" not in line:
-            line = proc.stderr.read(200)
-            if not line and proc.poll() is not None:
-                break
-        time.sleep(3)
+        progress, deadline = b"", time.time() + 300
+        while proc.poll() is None and time.time() < deadline and not re.search(rb"\| [1-9][0-9]*/", progress):
+            progress += os.read(proc.stderr.fileno(), 4096)  # tqdm's bar: "| 3/50000" once 3 steps are done
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
+        err = (progress + err).decode(errors="replace")
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted: saved" in err
     assert read_checkpoint(out / "checkpoint.pt")["step"] > 0
+    load_checkpoint(out / "checkpoint.pt")  # what the predictor loads

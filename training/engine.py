@@ -95,6 +95,33 @@ def corrective_iterations(
     return planes
 
 
+def optimizer_step(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    planes: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    options: TrainOptions,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Forward, mask + score loss, backward, clipped step (AMP when the scaler is on); returns (loss, mean IoU)."""
+    image, target = batch["image"].to(device), batch["mask"].to(device)
+    with torch.autocast(device.type, enabled=scaler.is_enabled()):
+        mask_logits, score_logits = model(image, planes.to(device))
+    mask_logits, score_logits = mask_logits.float(), score_logits.float()
+    iou = full_iou(mask_logits, target, batch["outside"].to(device))
+    loss = mask_loss(mask_logits, target) + options.score_weight * F.binary_cross_entropy_with_logits(score_logits, iou)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(model.parameters(), options.max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item(), iou.mean().item()
+
+
 def train_one_epoch(
     model: nn.Module,
     config: DeepCropConfig,
@@ -116,7 +143,6 @@ def train_one_epoch(
     """
     model.train()
     step, total, count = start_step, 0.0, 0
-    use_amp = scaler.is_enabled()
     corrective = config.positive_clicks and (config.negative_clicks or config.prev_mask)
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True)
     tic = time.perf_counter()
@@ -128,31 +154,18 @@ def train_one_epoch(
         if corrective and rng.random() < options.iterative_prob:
             iterations = int(rng.integers(1, options.max_iterations + 1))
             planes = corrective_iterations(model, config, batch, iterations, device)
-        image, target = batch["image"].to(device), batch["mask"].to(device)
-        with torch.autocast(device.type, enabled=use_amp):
-            mask_logits, score_logits = model(image, planes.to(device))
-        mask_logits, score_logits = mask_logits.float(), score_logits.float()
-        iou = full_iou(mask_logits, target, batch["outside"].to(device))
-        loss = mask_loss(mask_logits, target) + options.score_weight * F.binary_cross_entropy_with_logits(
-            score_logits, iou
-        )
-        if not math.isfinite(loss.item()):
+        try:
+            loss, iou = optimizer_step(model, batch, planes, optimizer, scaler, options, device)
+        except FloatingPointError as exc:
             raise FloatingPointError(
-                f"loss is {loss.item()} at epoch {epoch}, step {step}: lower --lr, or check the data "
-                "(the last good checkpoint is kept)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), options.max_norm)
-        scaler.step(optimizer)
-        scaler.update()
+                f"{exc} at epoch {epoch}, step {step}: lower --lr, or check the data (the last good checkpoint is kept)"
+            ) from None
         scheduler.step()
         step += 1
-        total += loss.item()
+        total += loss
         count += 1
-        rate = count * image.shape[0] / (time.perf_counter() - tic)
-        bar.set_postfix(loss=f"{total / count:.4f}", iou=f"{iou.mean().item():.3f}", samples_s=f"{rate:.1f}")
+        rate = count * len(planes) / (time.perf_counter() - tic)
+        bar.set_postfix(loss=f"{total / count:.4f}", iou=f"{iou:.3f}", samples_s=f"{rate:.1f}")
         if on_step is not None:
             on_step(step)
     return (total / count if count else math.nan), step
