@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from napari_deepcrop.training.data import CocoObjects, CocoSource, EpochSampler, make_sample
-from napari_deepcrop.training.engine import TrainOptions, optimizer_step
-from napari_deepcrop.training.train import parse_args as parse_train_args
 from torch.utils.data import DataLoader, Dataset
 
 from napari_deepcrop.model import HEADS, TRUNKS, DeepCropConfig, DeepCropV2
+from napari_deepcrop.training.data import CocoObjects, CocoSource, EpochSampler, make_sample
+from napari_deepcrop.training.engine import TrainOptions, optimizer_step
+from napari_deepcrop.training.train import parse_args as parse_train_args
 
 TINY_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"
 

@@ -2,51 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def disk_image(size: int = 256, center=(128, 128), radius: float = 40, seed: int = 0, channels: int = 3):
-    """A bright textured disk on darker noise: (image uint8 (H, W, C), mask bool (H, W))."""
-    rng = np.random.default_rng(seed)
-    rr, cc = np.mgrid[:size, :size]
-    mask = (rr - center[0]) ** 2 + (cc - center[1]) ** 2 <= radius**2
-    base = rng.normal(70, 25, (size, size, channels))
-    base[mask] += 110
-    return np.clip(base, 0, 255).astype(np.uint8), mask
-
-
-class DiskObjects(Dataset):
-    """Training samples of random disks, cut by the same make_sample as the COCO data."""
-
-    def __init__(self, config, n: int = 10_000) -> None:
-        self.config, self.n = config, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        from napari_deepcrop.training.data import make_sample
-
-        rng = np.random.default_rng(i)
-        radius = rng.uniform(12, 60)
-        center = rng.uniform(radius, 256 - radius, size=2)
-        image, mask = disk_image(256, center, radius, seed=i)
-        return make_sample(image, mask, self.config, rng, train=True)
+from synthetic import DiskObjects
+from torch.utils.data import DataLoader
 
 
 @pytest.fixture(scope="session")
 def disk_model():
     """A small DeepCropV2 trained for a few hundred steps on synthetic disks (about a minute on 2 CPU cores)."""
-    from napari_deepcrop.training.engine import TrainOptions, train_one_epoch
-
     from napari_deepcrop.model import DeepCropConfig, DeepCropV2
+    from napari_deepcrop.training.engine import TrainOptions, train_one_epoch
 
     torch.manual_seed(0)
     config = DeepCropConfig(input_size=64, decoder_width=16)

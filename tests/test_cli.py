@@ -4,8 +4,8 @@ import sys
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from synthetic import disk_image
 
-from conftest import disk_image
 from napari_deepcrop.checkpoint import save_checkpoint
 from napari_deepcrop.cli import main
 

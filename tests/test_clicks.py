@@ -33,10 +33,9 @@ def test_prev_mask_plane_and_shape_check():
 
 def test_same_clicks_give_same_planes_in_training_and_inference():
     """Training samples and the predictor's first crops both centre the crop on the click and encode it alike."""
-    from napari_deepcrop.training.data import make_sample
-
     from napari_deepcrop.model import DeepCropV2
     from napari_deepcrop.predictor import DeepCropPredictor
+    from napari_deepcrop.training.data import make_sample
 
     image = np.zeros((300, 300, 3), np.uint8)
     mask = np.zeros((300, 300), bool)

@@ -6,6 +6,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+
 from napari_deepcrop.training.baselines import GrabCutClicks, MagicWand, RandomWalkerClicks
 from napari_deepcrop.training.evaluate import (
     evaluate_patches,

@@ -7,12 +7,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-from napari_deepcrop.training import train
 
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from napari_deepcrop.coco import CocoEntry, write_coco_dataset
 from napari_deepcrop.finetune import CHECKPOINT, finetune, next_run_dir, usable_objects
 from napari_deepcrop.model import DeepCropConfig, DeepCropV2
+from napari_deepcrop.training import train
 
 CENTERS = ((24, 24), (24, 70), (70, 26), (70, 70))
 

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import disk_image
+from synthetic import disk_image
 
 from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import DeepCropPredictor

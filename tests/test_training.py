@@ -12,11 +12,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import disk_image
-from napari_deepcrop.training import train
 from pycocotools import mask as mask_utils
+from synthetic import disk_image
 
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint
+from napari_deepcrop.training import train
 
 
 def write_synthetic_coco(folder, n_images=6, seed=0):
@@ -89,10 +89,9 @@ def args_for(coco, out, *extra):
 
 
 def test_a_few_steps_lower_the_loss(coco, tmp_path):
+    from napari_deepcrop.model import DeepCropV2
     from napari_deepcrop.training.data import CocoObjects, CocoSource
     from napari_deepcrop.training.engine import full_iou, mask_loss
-
-    from napari_deepcrop.model import DeepCropV2
 
     args = args_for(coco, tmp_path / "run", "--epochs", "10", "--lr", "3e-3", "--iterative-prob", "0")
     config = train.model_config(args)

@@ -108,7 +108,14 @@ def _run(job: _Job) -> _Result:
         mask = predict_object(predictor, job.image, job.clicks, job.prev, job.contrast_limits)
         return _Result(job, predictor, mask=mask, warning=warning)
     except Exception as exc:  # shown as a notification on the UI thread
-        return _Result(job, predictor, error=f"DeepCrop: {exc}", warning=warning)
+        return _Result(job, predictor, error=f"DeepCrop: {_reason(exc)}", warning=warning)
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, also for errors raised without a message (a bare MemoryError says nothing)."""
+    if isinstance(exc, MemoryError):
+        return f"out of memory{f': {exc}' if str(exc) else ''}; nothing was changed"
+    return str(exc) or type(exc).__name__
 
 
 class _Cancelled(Exception):
@@ -433,7 +440,7 @@ class DeepCropWidget(Container):
         layer, mask, image = self._preview_layer, self.session.mask, self._image.value
         if layer not in self._viewer.layers or image is None:
             return
-        if mask is None:
+        if mask is None or mask.crop.size == 0:  # napari cannot show a layer of size 0 (nothing was found)
             layer.data = np.zeros((1,) * layer.ndim, np.uint8)
             return
         plane = self.session.plane

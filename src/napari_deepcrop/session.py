@@ -8,6 +8,7 @@ The napari widget is a thin layer over this module: it turns mouse clicks into (
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,8 @@ def predict_object(
     contrast_limits: tuple[float, float] | None = None,
 ) -> ObjectMask:
     """Segment the object the clicks point at in a 2D ``image`` ((H, W) or (H, W, C)), refining ``prev``."""
+    if contrast_limits is not None and not has_contrast(image):  # without limits the predictor checks itself
+        raise ValueError("the image has no contrast to segment: it is empty, constant, or all NaN")
     predictor.set_image(image, contrast_limits=contrast_limits)
     points = np.array([c[:2] for c in clicks], dtype=np.float64).reshape(-1, 2)
     labels = np.array([c[2] for c in clicks], dtype=np.int64)
@@ -65,6 +68,29 @@ def predict_object(
     crop, origin, score = predictor.predict(points, labels, prev_mask=prev_mask, return_crop=True)
     shape = tuple(image.shape[:2])
     return ObjectMask(np.asarray(crop, bool), (int(origin[0]), int(origin[1])), shape, float(score))
+
+
+def has_contrast(image, sample_pixels: int = 1_000_000) -> bool:
+    """False when the channels the network sees (the first three) are each constant over the finite pixels.
+
+    napari's contrast limits of such an image are not degenerate (a dtype's range, or 0..1 for all NaN), so
+    the predictor's own check does not see it. A strided sample is checked first; a numpy array only when
+    that sample is flat (a few bright dots). Lazy (dask, zarr) arrays are not read whole: assumed to have it.
+    """
+    if not isinstance(image, np.ndarray):
+        return True
+    step = max(1, int((image.shape[0] * image.shape[1] / sample_pixels) ** 0.5))
+    for pixels in (image[::step, ::step], image) if step > 1 else (image,):
+        pixels = pixels[..., :3] if pixels.ndim == 3 else pixels[..., None]
+        if np.issubdtype(pixels.dtype, np.floating):
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channels
+                low, high = np.nanmin(pixels, axis=(0, 1)), np.nanmax(pixels, axis=(0, 1))
+        else:
+            low, high = pixels.min(axis=(0, 1)), pixels.max(axis=(0, 1))
+        if (high > low).any():
+            return True
+    return False
 
 
 def next_label_id(labels: np.ndarray) -> int:
