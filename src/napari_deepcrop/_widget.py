@@ -44,6 +44,7 @@ from .session import (
     Click,
     ObjectMask,
     commit_indices,
+    has_contrast,
     load_predictor,
     next_label_id,
     predict_object,
@@ -70,7 +71,7 @@ SHORTCUTS = """<b>Shortcuts</b> (click tool on, clicks layer selected)<br>
 Click: positive click (add to the object)<br>
 Shift+click or right click: negative click (remove)<br>
 Enter: commit the object &nbsp; Escape: discard it<br>
-Ctrl+Z: remove the last click, or undo the last commit<br>
+Ctrl+Z: remove the last click, or undo the last commit; Ctrl+Shift+Z: redo it<br>
 S, select clicks, Delete: remove them; Z: back to clicking"""
 
 
@@ -105,6 +106,8 @@ def _run(job: _Job) -> _Result:
     try:
         if predictor is None:
             predictor, warning = load_predictor(job.checkpoint, job.device)
+        if not has_contrast(job.image):  # napari's contrast limits of such an image are not degenerate
+            raise ValueError("the image has no contrast to segment: it is empty, constant, or all NaN")
         mask = predict_object(predictor, job.image, job.clicks, job.prev, job.contrast_limits)
         return _Result(job, predictor, mask=mask, warning=warning)
     except Exception as exc:  # shown as a notification on the UI thread
@@ -285,6 +288,11 @@ class DeepCropWidget(Container):
         elif self._target.value is not None:
             self._target.value.undo()
 
+    def redo(self) -> None:
+        """Ctrl+Shift+Z on the clicks layer: redo the target Labels layer's last undone edit."""
+        if self._target.value is not None:
+            self._target.value.redo()
+
     @property
     def busy(self) -> bool:
         """A prediction is running."""
@@ -420,6 +428,7 @@ class DeepCropWidget(Container):
         layer.bind_key(KeyCode.Enter, lambda _: self.commit(), overwrite=True)
         layer.bind_key(KeyCode.Escape, lambda _: self.discard(), overwrite=True)
         layer.bind_key(KeyMod.CtrlCmd | KeyCode.KeyZ, lambda _: self.undo(), overwrite=True)
+        layer.bind_key(KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ, lambda _: self.redo(), overwrite=True)
 
     def _on_mouse_drag(self, layer: Points, event):
         """A click in pan/zoom mode (a drag pans) adds a click; with Shift or the right button, negative."""

@@ -398,11 +398,11 @@ def coco_to_labels(coco: COCO | Mapping[str, Any], image_id: int) -> tuple[np.nd
     if image_id not in coco.imgs:
         raise ValueError(f"no image with id {image_id} in this COCO dataset")
     record = coco.imgs[image_id]
-    labels = np.zeros((record["width"], record["height"]), np.uint32)  # transposed: COCO runs go down columns
+    labels = np.zeros((record["height"], record["width"]), np.uint32)
     annotations = coco.imgToAnns.get(image_id, [])
     for label, annotation in enumerate(annotations, start=1):
         if annotation.get("segmentation"):
-            labels.reshape(-1)[_rle_pixels(coco.annToRLE(annotation), record)] = label
+            labels[_decode(coco.annToRLE(annotation), record)] = label
     present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(annotations) + 1)[1:]) + 1
     kept = [annotations[i - 1] for i in present]
     unknown = {ann["category_id"] for ann in kept} - coco.cats.keys()
@@ -414,43 +414,17 @@ def coco_to_labels(coco: COCO | Mapping[str, Any], image_id: int) -> tuple[np.nd
         {int(i): coco.cats[a["category_id"]]["name"] for i, a in zip(present, kept, strict=True)}
     )
     features["iscrowd"] = [int(ann.get("iscrowd", 0)) for ann in kept]
-    return np.ascontiguousarray(labels.T), features
+    return labels, features
 
 
-def _rle_pixels(rle: Mapping[str, Any], record: Mapping[str, Any]) -> np.ndarray:
-    """Column-major flat indices of an RLE's pixels, without decoding a full-size mask per object.
-
-    pycocotools decodes only to whole-image masks, which would make reading cost images x objects.
-    """
+def _decode(rle: Mapping[str, Any], record: Mapping[str, Any]) -> np.ndarray:
+    """The object's mask (H, W) bool, decoded by pycocotools, after checking it has the image's size."""
     if list(rle["size"]) != [record["height"], record["width"]]:
         raise ValueError(
             f"an annotation of image {record['id']} has size {rle['size']}, the image is "
             f"{record['height']}x{record['width']}"
         )
-    counts = _string_counts(rle["counts"])
-    ends = np.cumsum(counts)
-    starts, lengths = ends[::2][: len(counts) // 2], counts[1::2]
-    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return offsets + np.arange(offsets.size)
-
-
-def _string_counts(counts: bytes | str) -> np.ndarray:
-    """Run lengths of a compressed COCO RLE string (pycocotools' rleFrString, vectorised).
-
-    Each count is 5-bit groups, least significant first, +48, bit 0x20 meaning "more follows", bit 0x10 of the
-    last group the sign; counts after the third are stored as differences to the count two before.
-    """
-    codes = (
-        np.frombuffer(counts.encode() if isinstance(counts, str) else counts, np.uint8).astype(np.int64) - 48
-    )
-    last = (codes & 0x20) == 0
-    first = np.flatnonzero(np.r_[True, last[:-1]])
-    shift = 5 * (np.arange(codes.size) - np.repeat(first, np.diff(np.r_[first, codes.size])))
-    values = np.add.reduceat((codes & 0x1F) << shift, first)
-    values -= np.where(codes[last] & 0x10, np.left_shift(1, shift[last] + 5), 0)
-    values[1::2] = np.cumsum(values[1::2])
-    values[2::2] = np.cumsum(values[2::2])
-    return values
+    return mask_utils.decode(rle).astype(bool)
 
 
 # --- datasets on disk ---

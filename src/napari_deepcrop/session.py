@@ -59,8 +59,6 @@ def predict_object(
     contrast_limits: tuple[float, float] | None = None,
 ) -> ObjectMask:
     """Segment the object the clicks point at in a 2D ``image`` ((H, W) or (H, W, C)), refining ``prev``."""
-    if contrast_limits is not None and not has_contrast(image):  # without limits the predictor checks itself
-        raise ValueError("the image has no contrast to segment: it is empty, constant, or all NaN")
     predictor.set_image(image, contrast_limits=contrast_limits)
     points = np.array([c[:2] for c in clicks], dtype=np.float64).reshape(-1, 2)
     labels = np.array([c[2] for c in clicks], dtype=np.int64)
