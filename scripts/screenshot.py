@@ -26,17 +26,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output", type=Path)
     parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--sample", default="coins", choices=("coins", "coffee"))
     parser.add_argument("--click", type=float, nargs=2, action="append", default=None, metavar=("ROW", "COL"))
     args = parser.parse_args()
     viewer = napari.Viewer(title="napari-deepcrop")
-    viewer.window.resize(1400, 850)
-    viewer.open_sample("napari-deepcrop", "coffee")
+    viewer.window.resize(1700, 850)
+    viewer.open_sample("napari-deepcrop", args.sample)
     widget = DeepCropWidget(viewer)
     viewer.window.add_dock_widget(widget, name="DeepCrop", area="right")
     if args.checkpoint is not None:
         widget._checkpoint.value = args.checkpoint
     widget._tool.value = True
-    objects = args.click or [[200, 300], [80, 480]]  # the cup, then a bean
+    # coins: six committed, one in preview
+    objects = args.click or [[45, 45], [45, 110], [45, 170], [45, 355], [115, 60], [180, 100], [255, 310]]
     for i, (row, col) in enumerate(objects):
         widget._add_click((row, col), positive=True)
         wait_for(widget)
@@ -45,6 +47,9 @@ def main() -> None:
     for _ in range(20):
         QApplication.processEvents()
         time.sleep(0.05)
+    viewer.reset_view()
+    for _ in range(10):
+        QApplication.processEvents()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(args.output), canvas_only=False)
     print(f"wrote {args.output}")

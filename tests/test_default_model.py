@@ -10,10 +10,10 @@ from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import DeepCropPredictor
 
 GRABCUT = DATA / "GrabCut"
-# benchmarks/accuracy.py on all 50 GrabCut images gives the bundled model a mean IoU after one click of MIOU_1
-# (README); single images spread widely around it, so the test asks one clear image for a margin below its own
-# measured IoU, enough to catch broken weights, a broken crop/paste path or a click-encoding mismatch
-IMAGE, MIN_IOU = "fullmoon", 0.8
+# benchmarks/accuracy.py (README): the bundled model's mean IoU after one click on GrabCut is 0.39, spread from
+# near 0 to 0.97; fullmoon, a clear object, measured 0.97. The margin below that catches broken weights, a broken
+# crop/paste path or a click-encoding mismatch without failing on float noise.
+IMAGE, MIN_IOU = "fullmoon", 0.85
 
 
 def test_recorded_config_rebuilds_the_same_model():
