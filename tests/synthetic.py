@@ -37,3 +37,19 @@ class DiskObjects(Dataset):
         center = rng.uniform(radius, 256 - radius, size=2)
         image, mask = disk_image(256, center, radius, seed=i)
         return make_sample(image, mask, self.config, rng, train=True)
+
+
+DISK_CENTERS = ((24, 24), (24, 70), (70, 26), (70, 70))
+
+
+def disks(centers=DISK_CENTERS, radius: int = 12, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image of bright textured disks on noise, and its label image (disk i is label i)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(70, 20, (size, size, 3))
+    labels = np.zeros((size, size), np.int32)
+    rows, cols = np.mgrid[:size, :size]
+    for label, (r, c) in enumerate(centers, start=1):
+        inside = (rows - r) ** 2 + (cols - c) ** 2 <= radius**2
+        image[inside] += 110
+        labels[inside] = label
+    return np.clip(image, 0, 255).astype(np.uint8), labels

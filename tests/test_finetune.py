@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 import torch
+from synthetic import disks
 
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from napari_deepcrop.coco import CocoEntry, write_coco_dataset
 from napari_deepcrop.finetune import CHECKPOINT, finetune, next_run_dir, usable_objects
 from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 from napari_deepcrop.training import train
-
-CENTERS = ((24, 24), (24, 70), (70, 26), (70, 70))
-
-
-def disks(centers=CENTERS, radius: int = 12, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB image of bright textured disks on noise, and its label image (disk i is label i)."""
-    rng = np.random.default_rng(0)
-    image = rng.normal(70, 20, (size, size, 3))
-    labels = np.zeros((size, size), np.int32)
-    rows, cols = np.mgrid[:size, :size]
-    for label, (r, c) in enumerate(centers, start=1):
-        inside = (rows - r) ** 2 + (cols - c) ** 2 <= radius**2
-        image[inside] += 110
-        labels[inside] = label
-    return np.clip(image, 0, 255).astype(np.uint8), labels
 
 
 @pytest.fixture

@@ -11,24 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import disks
 
 from napari_deepcrop.checkpoint import save_checkpoint
 from napari_deepcrop.finetune import CHECKPOINT
 from napari_deepcrop.model import DeepCropConfig, DeepCropV2
-
-CENTERS = ((24, 24), (24, 70), (70, 26), (70, 70))
-
-
-def disks(size: int = 96, radius: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB image of bright textured disks on noise, and its label image (disk i is label i)."""
-    image = np.random.default_rng(0).normal(70, 20, (size, size, 3))
-    labels = np.zeros((size, size), np.int32)
-    rows, cols = np.mgrid[:size, :size]
-    for label, (r, c) in enumerate(CENTERS, start=1):
-        inside = (rows - r) ** 2 + (cols - c) ** 2 <= radius**2
-        image[inside] += 110
-        labels[inside] = label
-    return np.clip(image, 0, 255).astype(np.uint8), labels
 
 
 @pytest.fixture
