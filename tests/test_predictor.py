@@ -16,9 +16,7 @@ def predictor(disk_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "size, center, radius", [(256, (128, 128), 40), (512, (100, 380), 25), (1024, (600, 500), 90)]
-)
+@pytest.mark.parametrize("size, center, radius", [(256, (128, 128), 40), (512, (100, 380), 25), (1024, (600, 500), 90)])
 def test_trained_model_segments_a_disk_on_noise(predictor, size, center, radius):
     image, mask = disk_image(size, center, radius, seed=123)
     predictor.set_image(image)
@@ -105,3 +103,29 @@ def test_device_auto_picks_cpu_without_cuda():
 
     p = DeepCropPredictor(DeepCropV2(DeepCropConfig(input_size=64)))
     assert p.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_placed_mask_slices_like_the_full_mask():
+    from napari_deepcrop.crops import PlacedMask
+
+    rng = np.random.default_rng(3)
+    full = np.zeros((90, 70), bool)
+    full[20:50, 10:40] = rng.random((30, 30)) > 0.5
+    placed = PlacedMask.from_full(full)
+    assert placed.crop.shape == (30, 30) and placed.origin == (20, 10) and np.array_equal(placed.full(), full)
+    for key in [(slice(0, 90, 1), slice(0, 70, 1)), (slice(15, 60, 3), slice(5, 70, 2)), (slice(60, 90), slice(0, 9))]:
+        assert np.array_equal(placed[key], full[key])
+
+
+def test_refinement_from_a_placed_mask_equals_refinement_from_the_full_mask():
+    from napari_deepcrop.crops import PlacedMask
+
+    p = DeepCropPredictor(DeepCropV2(DeepCropConfig(input_size=64)), device="cpu")
+    image, mask = disk_image(300, (150, 150), 40, seed=4)
+    p.set_image(image)
+    clicks, labels = np.array([[150, 150], [40, 40]]), np.array([1, 0])
+    from_full, score_full = p.predict(clicks, labels, prev_mask=mask)
+    from_placed, score_placed = p.predict(clicks, labels, prev_mask=PlacedMask.from_full(mask))
+    assert np.array_equal(from_full, from_placed) and score_full == score_placed
+    with pytest.raises(ValueError, match="prev_mask"):
+        p.predict(clicks, labels, prev_mask=PlacedMask(mask[:10, :10], (0, 0), (10, 10)))

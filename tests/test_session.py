@@ -23,7 +23,8 @@ class SquarePredictor:
         self.image_shape, self.contrast_limits = image.shape[:2], contrast_limits
 
     def predict(self, points, labels, prev_mask=None, return_crop=False):
-        self.points, self.labels, self.prev_mask = points, labels, prev_mask
+        self.points, self.labels = points, labels
+        self.prev_mask = prev_mask.full() if prev_mask is not None else None  # the session passes a PlacedMask
         row, col = points[labels == 1][0].astype(int)
         return np.ones((5, 5), bool), (row - 2, col - 2), 0.9
 

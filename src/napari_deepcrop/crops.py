@@ -80,9 +80,7 @@ def read_crop(
     return out.reshape(size, size, *channels)
 
 
-def paste_logits(
-    logits: np.ndarray, crop: Crop, shape: tuple[int, int]
-) -> tuple[np.ndarray, tuple[int, int]]:
+def paste_logits(logits: np.ndarray, crop: Crop, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """Resize crop logits (S, S) to image resolution and threshold them, only over the mask's bounding box.
 
     Returns (mask of the bounding box, (row0, col0) of that box in the image); an empty (0, 0) mask when nothing
@@ -120,3 +118,48 @@ def paste_logits(
         return np.zeros((0, 0), bool), (0, 0)
     mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     return mask, (r0 + int(rows[0]), c0 + int(cols[0]))
+
+
+@dataclass(frozen=True)
+class PlacedMask:
+    """A mask of an image of ``shape``, stored as the crop of its bounding box placed at ``origin`` (row0, col0).
+
+    What ``predict(..., return_crop=True)`` returns, and what it takes back as ``prev_mask``: it slices like the
+    full (H, W) mask, so :func:`read_crop` reads it without anything of image size being allocated.
+    """
+
+    crop: np.ndarray
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_full(cls, mask: np.ndarray) -> PlacedMask:
+        mask = np.asarray(mask, bool)
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        if len(rows) == 0:
+            return cls(np.zeros((0, 0), bool), (0, 0), mask.shape)
+        crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        return cls(crop, (int(rows[0]), int(cols[0])), mask.shape)
+
+    @property
+    def bbox(self) -> tuple[slice, slice]:
+        (row0, col0), (h, w) = self.origin, self.crop.shape
+        return slice(row0, row0 + h), slice(col0, col0 + w)
+
+    def any(self) -> bool:
+        return bool(self.crop.any())
+
+    def full(self) -> np.ndarray:
+        mask = np.zeros(self.shape, bool)
+        mask[self.bbox] = self.crop
+        return mask
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        """``mask[r0:r1:step, c0:c1:step]`` of the full mask, built from the crop alone."""
+        rows = np.arange(*key[0].indices(self.shape[0])) - self.origin[0]
+        cols = np.arange(*key[1].indices(self.shape[1])) - self.origin[1]
+        out = np.zeros((len(rows), len(cols)), bool)
+        keep_r = (rows >= 0) & (rows < self.crop.shape[0])
+        keep_c = (cols >= 0) & (cols < self.crop.shape[1])
+        out[np.ix_(keep_r, keep_c)] = self.crop[np.ix_(rows[keep_r], cols[keep_c])]
+        return out

@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .clicks import encode_clicks
-from .crops import Crop, paste_logits, read_crop
+from .crops import Crop, PlacedMask, paste_logits, read_crop
 from .model import DeepCropV2
 
 MIN_CROP_SIDE = 64
@@ -174,25 +174,19 @@ class DeepCropPredictor:
         self,
         points: np.ndarray,
         labels: np.ndarray,
-        prev_mask: np.ndarray | None = None,
+        prev_mask: np.ndarray | PlacedMask | None = None,
         return_crop: bool = False,
     ):
         """Segment the object the clicks point at.
 
         Returns (mask (H, W) bool, score), or with ``return_crop`` (mask of its bounding box, (row0, col0),
-        score): the same mask without allocating anything of image size. ``score`` in [0, 1] is the network's
-        own estimate of its IoU.
+        score): the same mask without allocating anything of image size. ``prev_mask``, the current mask of
+        this object, is a full (H, W) mask or, for large images, a :class:`~napari_deepcrop.crops.PlacedMask`.
+        ``score`` in [0, 1] is the network's own estimate of its IoU.
         """
         source = self._require_image()
         points, labels = self._check_clicks(points, labels, source.shape)
-        if prev_mask is not None:
-            prev_mask = np.asarray(prev_mask)
-            if prev_mask.shape != source.shape:
-                raise ValueError(
-                    f"prev_mask must have the image's shape {source.shape}, got {prev_mask.shape}"
-                )
-            if not prev_mask.any():
-                prev_mask = None
+        prev_mask = self._check_prev_mask(prev_mask, source.shape)
         crops = self._candidate_crops(points, labels, prev_mask, source.shape, source.max_crop_side)
         logits, scores = self._run(source, crops, points, labels, prev_mask)
         best = int(np.argmax(scores))
@@ -208,6 +202,20 @@ class DeepCropPredictor:
         if self._source is None:
             raise RuntimeError("no image set: call set_image(image) before predict()")
         return self._source
+
+    @staticmethod
+    def _check_prev_mask(prev_mask, shape) -> PlacedMask | None:
+        """A full (H, W) mask or a PlacedMask (what return_crop gives) -> a PlacedMask, None when empty."""
+        if prev_mask is None:
+            return None
+        if not isinstance(prev_mask, PlacedMask):
+            prev_mask = np.asarray(prev_mask)
+            if prev_mask.shape != shape:
+                raise ValueError(f"prev_mask must have the image's shape {shape}, got {prev_mask.shape}")
+            prev_mask = PlacedMask.from_full(prev_mask)
+        elif tuple(prev_mask.shape) != shape:
+            raise ValueError(f"prev_mask must have the image's shape {shape}, got {prev_mask.shape}")
+        return prev_mask if prev_mask.any() else None
 
     @staticmethod
     def _check_clicks(points, labels, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -239,9 +247,9 @@ class DeepCropPredictor:
                 side *= 2
             sides.append(min(side, max_side))
             return [Crop.centered(center, s) for s in sides]
-        rows, cols = np.nonzero(prev_mask.any(axis=1))[0], np.nonzero(prev_mask.any(axis=0))[0]
-        lo = np.minimum([rows[0], cols[0]], points.min(axis=0))
-        hi = np.maximum([rows[-1], cols[-1]], points.max(axis=0))
+        (row0, col0), (h, w) = prev_mask.origin, prev_mask.crop.shape
+        lo = np.minimum([row0, col0], points.min(axis=0))
+        hi = np.maximum([row0 + h - 1, col0 + w - 1], points.max(axis=0))
         extent = max(float((hi - lo).max()) + 1, MIN_CROP_SIDE * REFINE_RATIO)
         center = (lo + hi) / 2
         return [Crop.centered(center, extent / REFINE_RATIO * f) for f in (1.0, 1.5)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .crops import PlacedMask
 from .predictor import DeepCropPredictor
 
 # One click: (row, col, label) in pixels of the 2D slice, label 1 = positive, 0 = negative.
@@ -20,23 +21,10 @@ Click = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
-class ObjectMask:
-    """A mask stored as the crop of its bounding box, so large images cost only the object's size."""
+class ObjectMask(PlacedMask):
+    """The current object's mask (the crop of its bounding box, so large images cost only the object) and score."""
 
-    crop: np.ndarray  # (h, w) bool
-    origin: tuple[int, int]  # (row0, col0) of the crop in the image
-    shape: tuple[int, int]  # the image's (H, W)
     score: float = 0.0
-
-    @property
-    def bbox(self) -> tuple[slice, slice]:
-        (row0, col0), (h, w) = self.origin, self.crop.shape
-        return slice(row0, row0 + h), slice(col0, col0 + w)
-
-    def full(self) -> np.ndarray:
-        mask = np.zeros(self.shape, bool)
-        mask[self.bbox] = self.crop
-        return mask
 
 
 def load_predictor(
@@ -62,8 +50,7 @@ def predict_object(
     predictor.set_image(image, contrast_limits=contrast_limits)
     points = np.array([c[:2] for c in clicks], dtype=np.float64).reshape(-1, 2)
     labels = np.array([c[2] for c in clicks], dtype=np.int64)
-    prev_mask = None if prev is None else prev.full()
-    crop, origin, score = predictor.predict(points, labels, prev_mask=prev_mask, return_crop=True)
+    crop, origin, score = predictor.predict(points, labels, prev_mask=prev, return_crop=True)
     shape = tuple(image.shape[:2])
     return ObjectMask(np.asarray(crop, bool), (int(origin[0]), int(origin[1])), shape, float(score))
 

@@ -30,6 +30,8 @@ class DiskPredictor:
         return (rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= self.radius**2
 
     def predict(self, points, labels, prev_mask=None, return_crop=False):
+        if prev_mask is not None and hasattr(prev_mask, "full"):  # a PlacedMask, as the widget passes it
+            prev_mask = prev_mask.full()
         self.calls.append({"points": points.copy(), "labels": labels.copy(), "prev_mask": prev_mask})
         if self.gate is not None:
             self.gate.wait(10)
