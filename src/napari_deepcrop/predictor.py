@@ -210,11 +210,10 @@ class DeepCropPredictor:
             return None
         if not isinstance(prev_mask, PlacedMask):
             prev_mask = np.asarray(prev_mask)
-            if prev_mask.shape != shape:
-                raise ValueError(f"prev_mask must have the image's shape {shape}, got {prev_mask.shape}")
-            prev_mask = PlacedMask.from_full(prev_mask)
-        elif tuple(prev_mask.shape) != shape:
+        if tuple(prev_mask.shape) != shape:
             raise ValueError(f"prev_mask must have the image's shape {shape}, got {prev_mask.shape}")
+        if not isinstance(prev_mask, PlacedMask):
+            prev_mask = PlacedMask.from_full(prev_mask)
         return prev_mask if prev_mask.any() else None
 
     @staticmethod

@@ -91,8 +91,8 @@ def test_undo_and_redo_give_back_exactly_the_committed_pixels(make_widget, predi
     np.testing.assert_array_equal(labels.data, second)
 
 
-def test_widget_undo_then_napari_redo(make_widget, predictor, qtbot):
-    """Ctrl+Z in the click tool (no clicks left) undoes the commit into napari's history; redo restores it."""
+def test_click_tool_undo_then_redo(make_widget, predictor, qtbot):
+    """Ctrl+Z in the click tool (no clicks left) undoes the commit in napari's history; Ctrl+Shift+Z redoes it."""
     viewer, widget = make_widget((IMAGE, {"name": "image"}))
     click(widget, qtbot, (30, 40))
     widget.commit()
