@@ -84,6 +84,20 @@ def test_a_first_click_reads_only_chunks_near_it(predictor):
     assert set(loaded) <= chunks_within((5500, 5500), 2048)  # 25 of the 100 chunks
 
 
+def test_separate_lazy_channels_are_read_only_near_the_click(predictor):
+    """A ChannelStack of dask channels (napari's channel_axis on a lazy image) reads each one only near the click."""
+    from napari_deepcrop.predictor import ChannelStack
+
+    first, loaded_first = lazy_image()
+    second, loaded_second = lazy_image()
+    channels = ChannelStack([first[..., 0], second[..., 1]])
+    with dask.config.set(scheduler="synchronous"):
+        predictor.set_image(channels, contrast_limits=[(0, 255), (0, 100)])
+        predictor.predict(np.array([[5500, 5500]]), np.array([1]), return_crop=True)
+    near = chunks_within((5500, 5500), 2048)
+    assert loaded_first and set(loaded_first) <= near and loaded_second and set(loaded_second) <= near
+
+
 def peak_numpy_bytes(predictor: DeepCropPredictor, image: np.ndarray, click) -> int:
     """Peak of numpy (tracemalloc-traced) allocations in set_image + predict(return_crop=True).
 

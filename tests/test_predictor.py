@@ -129,3 +129,34 @@ def test_refinement_from_a_placed_mask_equals_refinement_from_the_full_mask():
     assert np.array_equal(from_full, from_placed) and score_full == score_placed
     with pytest.raises(ValueError, match="prev_mask"):
         p.predict(clicks, labels, prev_mask=PlacedMask(mask[:10, :10], (0, 0), (10, 10)))
+
+
+def test_separate_channels_are_each_normalised_by_their_own_contrast_limits():
+    """napari's channel_axis gives one layer per channel: a ChannelStack sees them as one image, each channel
+    with its layer's contrast limits, and segments exactly as the stacked array would."""
+    from napari_deepcrop.predictor import ChannelStack, ImageSource
+
+    rng = np.random.default_rng(2)
+    nuclei = rng.integers(0, 4000, (120, 100), dtype=np.uint16)
+    membrane = rng.random((120, 100)).astype(np.float32) * 50 - 10
+    stack = ChannelStack([nuclei, membrane])
+    assert stack.shape == (120, 100, 2) and stack.dtype == np.float32
+    limits = [(100.0, 3900.0), (-10.0, 40.0)]
+    region = ImageSource.from_array(stack, limits).to_float(stack[10:20, 30:40])
+    np.testing.assert_allclose(region[..., 0], np.clip((nuclei[10:20, 30:40] - 100.0) / 3800.0, 0, 1), rtol=1e-6)
+    np.testing.assert_allclose(region[..., 1], np.clip((membrane[10:20, 30:40] + 10.0) / 50.0, 0, 1), rtol=1e-5)
+    assert (region[..., 2] == 0).all()  # two channels: the third input channel is empty
+
+    p = DeepCropPredictor(DeepCropV2(DeepCropConfig(input_size=64)), device="cpu")
+    p.set_image(stack, contrast_limits=limits)
+    from_stack, score = p.predict(np.array([[60, 40]]), np.array([1]))
+    p.set_image(np.stack([nuclei, membrane], axis=-1).astype(np.float32), contrast_limits=limits)
+    from_array, score_array = p.predict(np.array([[60, 40]]), np.array([1]))
+    assert np.array_equal(from_stack, from_array) and score == score_array
+
+    with pytest.raises(ValueError, match="one pair for each of the 2 channels"):
+        p.set_image(stack, contrast_limits=[(0, 1), (0, 1), (0, 1)])
+    with pytest.raises(ValueError, match="one shape"):
+        ChannelStack([nuclei, membrane[:, :50]])
+    with pytest.raises(ValueError, match="no contrast"):  # every channel flat: nothing to segment
+        p.set_image(stack, contrast_limits=[(5, 5), (1, 0)])

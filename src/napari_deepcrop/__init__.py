@@ -16,6 +16,7 @@ _PUBLIC = {
     "DeepCropConfig": "model",
     "DeepCropV2": "model",
     "DeepCropPredictor": "predictor",
+    "ChannelStack": "predictor",
     "encode_clicks": "clicks",
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from app_model.types import KeyCode, KeyMod
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, Select, SpinBox
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import cancelable_progress
@@ -38,7 +38,7 @@ from .checkpoint import default_checkpoint_path
 from .coco import ANNOTATIONS_JSON
 from .dataset import AnnotationDataset, image_source
 from .finetune import FinetuneResult, finetune
-from .predictor import DeepCropPredictor
+from .predictor import ChannelStack, DeepCropPredictor
 from .session import (
     AnnotationSession,
     Click,
@@ -82,8 +82,8 @@ class _Job:
     generation: int
     object_id: int
     clicks: tuple[Click, ...]
-    image: Any  # the 2D slice, (H, W) or (H, W, C)
-    contrast_limits: tuple[float, float]
+    image: Any  # the 2D slice, (H, W) or (H, W, C), or a ChannelStack of the slices of several layers
+    contrast_limits: Any  # (low, high), or one pair per channel of a ChannelStack
     prev: ObjectMask | None
     predictor: DeepCropPredictor | None  # None: load from checkpoint/device first
     checkpoint: Path | None
@@ -196,6 +196,13 @@ class DeepCropWidget(Container):
         self._folder: Path | None = None  # where dialogs start: the last export, or the open dataset
 
         self._image = ComboBox(label="Image", choices=self._image_choices)
+        # multichannel images (napari's channel_axis gives one layer per channel): up to two more channels
+        self._channels = Select(label="+ channels", choices=self._channel_choices, allow_multiple=True)
+        self._channels.native.setMaximumHeight(60)
+        self._channels.tooltip = (
+            "Other channels of the image (layers of its shape) that the network sees beside it, each with its "
+            "own contrast limits: at most two. None selected: the image alone."
+        )
         self._target = ComboBox(label="Labels", choices=self._target_choices)
         self._category = ComboBox(label="Category", choices=[DEFAULT_CATEGORY])
         self._category.native.setEditable(True)
@@ -223,12 +230,13 @@ class DeepCropWidget(Container):
         buttons = Container(widgets=[commit, discard], layout="horizontal", labels=False)
         navigator = Container(widgets=[open_dataset, previous, next_], layout="horizontal", labels=False)
         self.extend([
-            self._image, self._target, self._category, self._checkpoint, self._device, self._device_note,
-            self._tool, self._overwrite, buttons, navigator, self._dataset_note, self.actions, self._steps,
-            self._task_note, Label(value=SHORTCUTS),
+            self._image, self._channels, self._target, self._category, self._checkpoint, self._device,
+            self._device_note, self._tool, self._overwrite, buttons, navigator, self._dataset_note, self.actions,
+            self._steps, self._task_note, Label(value=SHORTCUTS),
         ])  # fmt: skip
 
         self._image.changed.connect(self._on_image_changed)
+        self._channels.changed.connect(self._on_channels_changed)
         self._target.changed.connect(self._on_target_changed)
         self._checkpoint.changed.connect(self._on_model_changed)
         self._device.changed.connect(self._on_model_changed)
@@ -356,12 +364,13 @@ class DeepCropWidget(Container):
             return
         self._wanted = False
         clicks = self.session.clicks
+        pixels, contrast_limits = self._job_image(image)
         job = _Job(
             generation=self._generation,
             object_id=self.session.object_id,
             clicks=clicks,
-            image=_image_array(image)[self.session.plane],
-            contrast_limits=tuple(image.contrast_limits),
+            image=pixels,
+            contrast_limits=contrast_limits,
             prev=self.session.prev_mask(clicks),
             predictor=self.predictor,
             checkpoint=self._checkpoint_path(),
@@ -369,6 +378,14 @@ class DeepCropWidget(Container):
             settings=self._settings,
         )
         self._worker = create_worker(_run, job, _connect={"returned": self._on_result})
+
+    def _job_image(self, image: Image) -> tuple[Any, Any]:
+        """The slice the clicks are on, of the image and of the extra channels chosen, with contrast limits."""
+        layers = [image, *(la for la in self._channels.value if la is not image and la in self._viewer.layers)]
+        if len(layers) == 1:
+            return _image_array(image)[self.session.plane], tuple(image.contrast_limits)
+        stack = ChannelStack([_image_array(layer)[self.session.plane] for layer in layers])
+        return stack, [tuple(layer.contrast_limits) for layer in layers]
 
     def _on_result(self, result: _Result) -> None:
         self._worker = None
@@ -736,10 +753,38 @@ class DeepCropWidget(Container):
     def reset_choices(self, *_: Any) -> None:
         """Refresh the layer lists only: resetting the category list would drop what the user typed."""
         self._image.reset_choices()
+        self._channels.reset_choices()
         self._target.reset_choices()
 
     def _image_choices(self, _widget) -> list[tuple[str, Image]]:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _channel_choices(self, _widget) -> list[tuple[str, Image]]:
+        """Other single-channel image layers of the image's shape (and transforms): its other channels."""
+        image = self._image.value
+        if image is None or image.rgb:
+            return []
+        shape = _image_array(image).shape
+        return [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if isinstance(layer, Image) and layer is not image and not layer.rgb
+            and _image_array(layer).shape == shape and _same_placement(layer, image)
+        ]  # fmt: skip
+
+    def _on_channels_changed(self, chosen: list) -> None:
+        if len(chosen) > 2:
+            show_warning(
+                f"DeepCrop: the network sees three channels: the image and at most two more, not {len(chosen)}; "
+                f"keeping {chosen[0].name} and {chosen[1].name}"
+            )
+            self._channels.value = chosen[:2]
+            return
+        if self.session.clicks:  # the current object, segmented again with the channels now chosen
+            self.session.forget_masks()
+            self._generation += 1
+            self._wanted = True
+            self._start_job()
 
     def _target_choices(self, _widget) -> list[tuple[str, Labels | None]]:
         labels = [layer for layer in self._viewer.layers if isinstance(layer, Labels)]
@@ -747,6 +792,7 @@ class DeepCropWidget(Container):
 
     def _on_image_changed(self, *_: Any) -> None:
         self.discard()
+        self._channels.reset_choices()
         image = self._image.value
         if image is None:
             return
@@ -822,6 +868,14 @@ class DeepCropWidget(Container):
             show_warning("DeepCrop: click in the 2D view, with the image's last two axes shown")
             return False
         return True
+
+
+def _same_placement(a: Image, b: Image) -> bool:
+    """Whether two layers' pixels lie on the same world positions (channels of one image do)."""
+    return all(
+        np.allclose(x, y)
+        for x, y in ((a.scale, b.scale), (a.translate, b.translate), (a.affine.affine_matrix, b.affine.affine_matrix))
+    )
 
 
 def _set_category(layer: Labels, label: int, category: str) -> None:

@@ -39,19 +39,44 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+class ChannelStack:
+    """Separate 2D channels of one image, e.g. napari layers opened with ``channel_axis``, as one (H, W, C) array.
+
+    Nothing is copied or stacked up front: slicing reads the same region of each channel and stacks only that,
+    so lazy (dask, zarr) channels stay lazy.
+    """
+
+    def __init__(self, channels) -> None:
+        channels = list(channels)
+        if not channels:
+            raise ValueError("a ChannelStack needs at least one channel")
+        shapes = {tuple(c.shape) for c in channels}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            shapes = [tuple(c.shape) for c in channels]
+            raise ValueError(f"channels must be 2D arrays of one shape, got shapes {shapes}")
+        self.channels = channels
+        self.shape = (*channels[0].shape, len(channels))
+        self.dtype = np.result_type(*(c.dtype for c in channels))
+        self.ndim = 3
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        return np.stack([np.asarray(c[key]) for c in self.channels], axis=-1).astype(self.dtype, copy=False)
+
+
 @dataclass
 class ImageSource:
     """A 2D image as the network sees it: 3 channels, float32 in [0, 1], read region by region.
 
     Holds a reference to the array, never a converted copy, so a 10,000 x 10,000 (or dask/zarr-backed) image
-    costs no memory beyond the crops read from it. Contrast limits come from the caller (napari's layer) or
-    from percentiles of a strided subsample.
+    costs no memory beyond the crops read from it. Contrast limits come from the caller (napari's layer: one
+    (low, high) pair for all channels, or one pair per channel in ``channels``) or from percentiles of a strided
+    subsample.
     """
 
     array: np.ndarray
     channels: tuple[int, ...]
-    low: float
-    high: float
+    low: np.ndarray  # (1,) or one per channel in ``channels``
+    high: np.ndarray
 
     @classmethod
     def from_array(
@@ -77,13 +102,20 @@ class ImageSource:
             raise ValueError(f"channels must be 1 to 3 indices below {n_channels}, got {channels}")
         if contrast_limits is None:
             contrast_limits = _auto_contrast(image, channels)
-        low, high = (float(v) for v in contrast_limits)
-        if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        limits = np.asarray(contrast_limits, np.float64).reshape(-1, 2) if np.size(contrast_limits) else None
+        if limits is None or (np.shape(contrast_limits) != (2,) and len(limits) != len(channels)):
             raise ValueError(
-                f"the image has no contrast to segment (contrast limits {low:g}..{high:g}): "
-                "it is empty, constant, or all NaN"
+                f"contrast_limits must be one (low, high) pair or one pair for each of the {len(channels)} "
+                f"channels, got {contrast_limits!r}"
             )
-        return cls(image, tuple(channels), low, high)
+        low, high = limits[:, 0], limits[:, 1]
+        if not (np.isfinite(low).all() and np.isfinite(high).all()) or (high <= low).all():
+            text = ", ".join(f"{lo:g}..{hi:g}" for lo, hi in limits)
+            raise ValueError(
+                f"the image has no contrast to segment (contrast limits {text}): it is empty, constant, or all NaN"
+            )
+        # a channel of no contrast (constant, say) is all 0 rather than a division by zero
+        return cls(image, tuple(channels), low, np.where(high > low, high, np.inf))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -92,16 +124,19 @@ class ImageSource:
     @property
     def max_crop_side(self) -> float:
         """A strided read of a numpy array touches only the rows it keeps; of a chunked one, whole chunks."""
-        return math.inf if isinstance(self.array, np.ndarray) else LAZY_MAX_CROP_SIDE
+        arrays = self.array.channels if isinstance(self.array, ChannelStack) else [self.array]
+        return math.inf if all(isinstance(a, np.ndarray) for a in arrays) else LAZY_MAX_CROP_SIDE
 
     def to_float(self, region: np.ndarray) -> np.ndarray:
-        """A region of the raw array -> (h, w, 3) float32 in [0, 1]; NaNs become 0."""
+        """A region of the raw array -> (h, w, 3) float32 in [0, 1], each channel by its contrast limits; NaNs
+        become 0."""
         region = np.asarray(region)
         if region.ndim == 3:
             region = region[..., list(self.channels)]
         else:
             region = region[..., None]
-        out = (region.astype(np.float32) - self.low) / (self.high - self.low)
+        low, high = self.low.astype(np.float32), self.high.astype(np.float32)
+        out = (region.astype(np.float32) - low) / (high - low)
         np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0, out=out)
         if out.shape[-1] == 3:
             return out
@@ -126,6 +161,19 @@ def _auto_contrast(image: np.ndarray, channels: tuple[int, ...]) -> tuple[float,
     if high <= low:  # a few bright objects on a flat background: fall back to the full range
         low, high = float(finite.min()), float(finite.max())
     return float(low), float(high)
+
+
+def first_click_sides(shape: tuple[int, ...], max_side: float = math.inf) -> list[float]:
+    """The crop sides a first click tries: 64, 128, ... up to twice the image's longer side (or ``max_side``).
+
+    Training draws some of its crops from the same ladder, so that the score head learns to rank them.
+    """
+    sides, side = [], float(MIN_CROP_SIDE)
+    while side < min(2 * max(shape[:2]), max_side):
+        sides.append(side)
+        side *= 2
+    sides.append(min(side, max_side))
+    return sides
 
 
 class DeepCropPredictor:
@@ -160,7 +208,9 @@ class DeepCropPredictor:
         contrast_limits: tuple[float, float] | None = None,
         channels: tuple[int, ...] | None = None,
     ) -> None:
-        """(H, W) or (H, W, C), any numeric dtype; RGBA drops alpha; other channel counts take ``channels``."""
+        """(H, W) or (H, W, C), any numeric dtype; RGBA drops alpha; other channel counts take ``channels`` (up
+        to 3 indices). Separate channels (napari layers of one image) go in as a :class:`ChannelStack`.
+        ``contrast_limits``: one (low, high) pair, or one per channel seen; None: from the image itself."""
         self._source = ImageSource.from_array(image, contrast_limits, channels)
 
     def reset_image(self) -> None:
@@ -240,12 +290,7 @@ class DeepCropPredictor:
         mask and all clicks."""
         if prev_mask is None:
             center = points[labels == 1][0]
-            sides, side = [], MIN_CROP_SIDE
-            while side < min(2 * max(shape), max_side):
-                sides.append(side)
-                side *= 2
-            sides.append(min(side, max_side))
-            return [Crop.centered(center, s) for s in sides]
+            return [Crop.centered(center, s) for s in first_click_sides(shape, max_side)]
         (row0, col0), (h, w) = prev_mask.origin, prev_mask.crop.shape
         lo = np.minimum([row0, col0], points.min(axis=0))
         hi = np.maximum([row0 + h - 1, col0 + w - 1], points.max(axis=0))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .crops import PlacedMask
-from .predictor import DeepCropPredictor
+from .predictor import ChannelStack, DeepCropPredictor
 
 # One click: (row, col, label) in pixels of the 2D slice, label 1 = positive, 0 = negative.
 Click = tuple[int, int, int]
@@ -41,12 +41,14 @@ def load_predictor(
 
 def predict_object(
     predictor: DeepCropPredictor,
-    image: np.ndarray,
+    image: np.ndarray | ChannelStack,
     clicks: tuple[Click, ...],
     prev: ObjectMask | None = None,
-    contrast_limits: tuple[float, float] | None = None,
+    contrast_limits=None,
 ) -> ObjectMask:
-    """Segment the object the clicks point at in a 2D ``image`` ((H, W) or (H, W, C)), refining ``prev``."""
+    """Segment the object the clicks point at in a 2D ``image`` ((H, W) or (H, W, C)), refining ``prev``.
+
+    ``contrast_limits``: one (low, high) pair, or one per channel of a :class:`ChannelStack`."""
     predictor.set_image(image, contrast_limits=contrast_limits)
     points = np.array([c[:2] for c in clicks], dtype=np.float64).reshape(-1, 2)
     labels = np.array([c[2] for c in clicks], dtype=np.int64)
@@ -61,7 +63,10 @@ def has_contrast(image, sample_pixels: int = 1_000_000) -> bool:
     napari's contrast limits of such an image are not degenerate (a dtype's range, or 0..1 for all NaN), so
     the predictor's own check does not see it. A strided sample is checked first; a numpy array only when
     that sample is flat (a few bright dots). Lazy (dask, zarr) arrays are not read whole: assumed to have it.
+    A :class:`ChannelStack` has it when any of its channels has.
     """
+    if isinstance(image, ChannelStack):
+        return any(has_contrast(channel, sample_pixels) for channel in image.channels)
     if not isinstance(image, np.ndarray):
         return True
     step = max(1, int((image.shape[0] * image.shape[1] / sample_pixels) ** 0.5))
@@ -126,6 +131,11 @@ class AnnotationSession:
             if clicks[:n] in self._masks:
                 return self._masks[clicks[:n]]
         return None
+
+    def forget_masks(self) -> None:
+        """Keep the clicks, drop the masks they gave (the image's channels changed): predict from scratch."""
+        self._masks = {}
+        self.mask = None
 
     def remember(self, clicks: tuple[Click, ...], mask: ObjectMask) -> None:
         self._masks[clicks] = mask

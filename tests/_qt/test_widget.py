@@ -359,3 +359,50 @@ def test_end_to_end_with_the_bundled_model(make_widget, qtbot):
         widget.commit()
         labels = widget._target.value
         assert labels.data.shape == (400, 600) and labels.data.max() == 1
+
+
+def test_channels_of_a_multichannel_image_go_to_the_network_together(make_widget, predictor, qtbot, notifications):
+    """napari's channel_axis splits a microscopy image into one layer per channel: the '+ channels' choice adds
+    up to two of them, each with its own contrast limits; RGB images and other shapes are not offered."""
+    from napari_deepcrop.predictor import ChannelStack
+
+    rng = np.random.default_rng(4)
+    channels = rng.integers(0, 4000, (4, 64, 80), dtype=np.uint16)
+    viewer, widget = make_widget()
+    viewer.add_image(channels, channel_axis=0, name=["dapi", "gfp", "rfp", "cy5"], contrast_limits=[
+        (0, 4000), (100, 3000), (200, 2000), (0, 1000)])  # fmt: skip
+    viewer.add_image(np.stack([IMAGE] * 3, axis=-1), name="rgb")
+    viewer.add_image(rng.random((32, 32)), name="small")
+    widget._image.value = viewer.layers["dapi"]
+    assert [layer.name for layer in widget._channels.choices] == ["gfp", "rfp", "cy5"]
+
+    click(widget, qtbot, (30, 40))  # no channel chosen: the image alone
+    assert predictor.images[-1] == ((64, 80), np.uint16, (0.0, 4000.0))
+    widget._channels.value = [viewer.layers["gfp"], viewer.layers["rfp"]]
+    wait(widget, qtbot)  # the current object is segmented again with the channels now chosen
+    assert predictor.images[-1] == ((64, 80, 3), np.uint16, [(0.0, 4000.0), (100.0, 3000.0), (200.0, 2000.0)])
+    assert len(predictor.calls) == 2 and predictor.calls[-1]["prev_mask"] is None
+    click(widget, qtbot, (10, 10), positive=False)
+    assert predictor.images[-1][0] == (64, 80, 3) and predictor.calls[-1]["prev_mask"] is not None
+
+    widget._channels.value = [viewer.layers[name] for name in ("gfp", "rfp", "cy5")]
+    assert "at most two more" in notifications[-1]
+    assert [layer.name for layer in widget._channels.value] == ["gfp", "rfp"]
+
+    widget._image.value = viewer.layers["rgb"]
+    assert widget._channels.choices == () and widget._channels.value == []
+
+
+def test_channel_stack_reaches_the_real_predictor(make_widget, qtbot):
+    """With the bundled model, two channels with very different ranges give a mask (no dtype or shape error)."""
+    from napari_deepcrop.session import load_predictor
+
+    rng = np.random.default_rng(5)
+    nuclei = rng.integers(0, 60000, (96, 96), dtype=np.uint16)
+    membrane = rng.random((96, 96)).astype(np.float32)
+    viewer, widget = make_widget((nuclei, {"name": "image"}), (membrane, {"name": "membrane"}))
+    widget.predictor, _ = load_predictor(None, "cpu")
+    widget._image.value = viewer.layers["image"]
+    widget._channels.value = [viewer.layers["membrane"]]
+    click(widget, qtbot, (48, 48))
+    assert isinstance(widget.session.mask, ObjectMask) and widget.session.mask.shape == (96, 96)
