@@ -29,7 +29,9 @@ from napari_deepcrop.training.evaluate import (
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "GrabCut"
 BASELINES = {"magic_wand": MagicWand, "grabcut": GrabCutClicks, "random_walker": RandomWalkerClicks}
-METHODS = ("deepcrop", *BASELINES)
+# deepcrop: the predictor as the widget runs it (mask snapped to edges); deepcrop_no_snap: the network's own mask
+DEEPCROP = {"deepcrop": {"snap_edges": True}, "deepcrop_no_snap": {"snap_edges": False}}
+METHODS = (*DEEPCROP, *BASELINES)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,10 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
-    if name == "deepcrop":
+    if name.startswith("deepcrop"):
         from napari_deepcrop.predictor import DeepCropPredictor
 
-        return DeepCropPredictor.from_checkpoint(args.checkpoint, device=args.device)
+        return DeepCropPredictor.from_checkpoint(args.checkpoint, device=args.device, **DEEPCROP[name])
     return BASELINES[name]()
 
 
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     for name in args.methods:
         segmenter = make_segmenter(name, args)
-        if name == "deepcrop":
+        if name.startswith("deepcrop"):
             report["machine"]["model_device"] = str(segmenter.device)
         results = evaluate_dataset(segmenter, samples, args.max_clicks, progress=True)
         report["methods"][name] = {

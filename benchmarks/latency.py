@@ -197,7 +197,7 @@ def disk(radius: int) -> np.ndarray:
 
 
 def deepcrop_rows(args: argparse.Namespace, device: str) -> list[Row]:
-    predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, device=device)
+    predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, device=device, snap_edges=False)
     rows = []
     for size in args.sizes:
         click = (size * 3 // 7, size * 4 // 7)
@@ -205,6 +205,11 @@ def deepcrop_rows(args: argparse.Namespace, device: str) -> list[Row]:
         for path in ("crop", "full") if size >= CROP_PATH_FROM else ("full",):
             session = click_session(predictor, image, click, path == "crop")
             rows.append(run_case(f"{size}x{size} RGB uint8", device, path, session, args.repeats))
+        # the default (predictor and widget): the mask snapped to the image's edges by GrabCut
+        predictor.snap_edges = True
+        session = click_session(predictor, image, click, size >= CROP_PATH_FROM)
+        rows.append(run_case(f"{size}x{size} RGB uint8", device, "+snap", session, args.repeats))
+        predictor.snap_edges = False
         del image
     if args.stack:
         depth, height, width = args.stack

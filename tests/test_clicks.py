@@ -73,3 +73,26 @@ def test_paste_logits_round_trips_a_mask_at_scale():
     iou = (full & mask).sum() / (full | mask).sum()
     assert iou > 0.97
     assert pasted.shape[0] < 130 and pasted.shape[1] < 230  # only the bounding box is allocated
+
+
+def test_ladder_crops_are_cut_at_the_predictors_first_click_scales():
+    """With ladder_prob=1 every training crop has one of the sides a first click tries on that image (what the
+    score head must rank); with 0, sides follow the object's extent. The side shows in the object's area."""
+    from napari_deepcrop.predictor import first_click_sides
+    from napari_deepcrop.training.data import RATIO_RANGE, make_sample
+
+    image = np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    mask = np.zeros((300, 300), bool)
+    mask[90:210, 90:210] = True  # 120 x 120: still 7 input pixels across in the largest crop
+    ladder = np.array(first_click_sides(mask.shape))  # 64, 128, 256, 512, 1024
+
+    def implied_side(sample):  # object pixels in the crop (inside + cut off) = area * (size / side)^2, rounded
+        pixels = float(sample["mask"].sum() + sample["outside"])
+        return 64 * np.sqrt(mask.sum() / pixels)
+
+    on_ladder = [implied_side(make_sample(image, mask, CONFIG, np.random.default_rng(s), True, 1.0)) for s in range(12)]
+    assert all(np.abs(ladder - side).min() / side < 0.15 for side in on_ladder), on_ladder
+    assert len({int(np.abs(ladder - side).argmin()) for side in on_ladder}) >= 3  # several rungs, not one
+    relative = [implied_side(make_sample(image, mask, CONFIG, np.random.default_rng(s), True)) for s in range(12)]
+    low, high = 120 / RATIO_RANGE[1], 120 / RATIO_RANGE[0]
+    assert all(0.85 * low <= side <= 1.15 * high for side in relative), relative

@@ -38,7 +38,7 @@ def constant_predictor():
         model.mask_head.out.bias.fill_(4.0)
         model.score_head.fc[-1].weight.zero_()
         model.score_head.fc[-1].bias.zero_()
-    return DeepCropPredictor(model, device="cpu")
+    return DeepCropPredictor(model, device="cpu", snap_edges=False)  # the crops as the network gave them
 
 
 def lazy_image(size: int = 10_000) -> tuple[da.Array, list[tuple[int, int]]]:

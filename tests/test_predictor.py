@@ -160,3 +160,23 @@ def test_separate_channels_are_each_normalised_by_their_own_contrast_limits():
         ChannelStack([nuclei, membrane[:, :50]])
     with pytest.raises(ValueError, match="no contrast"):  # every channel flat: nothing to segment
         p.set_image(stack, contrast_limits=[(5, 5), (1, 0)])
+
+
+def test_warped_logits_match_logits_cut_at_the_target_crop():
+    """warp_logits moves a crop's logits onto another crop's grid (what edge snapping starts from): the same as
+    cutting that crop directly."""
+    from napari_deepcrop.crops import Crop, logits_extent, read_crop, warp_logits
+
+    rows, cols = np.mgrid[0:400, 0:400].astype(np.float32)
+    field = (rows - 180) * 0.05 + (cols - 220) * 0.03  # a smooth "logit" over the image
+    source, target = Crop(100.0, 120.0, 200.0), Crop(150.0, 170.0, 90.0)
+    warped = warp_logits(read_crop(field, source, 64), source, target)
+    np.testing.assert_allclose(warped, read_crop(field, target, 64), atol=0.02)
+    outside = warp_logits(read_crop(field, target, 64), target, source)
+    assert (outside[:5, :5] == -20).all()  # the source crop's corner lies outside the target crop
+
+    logits = np.full((64, 64), -1.0, np.float32)
+    logits[16:32, 8:40] = 1.0  # input pixels -> image: 100 + 16 * 200 / 64 = 150 ... 100 + 32 * 200 / 64 = 200
+    lo, hi = logits_extent(logits, source)
+    np.testing.assert_array_equal(lo, [150, 145]) and np.testing.assert_array_equal(hi, [199, 244])
+    assert logits_extent(np.full((64, 64), -1.0), source) is None

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, Sampler
 from napari_deepcrop.clicks import encode_clicks
 from napari_deepcrop.crops import Crop, read_crop
 from napari_deepcrop.model import DeepCropConfig
+from napari_deepcrop.predictor import first_click_sides
 
 MAX_CLICKS = 24
 # object extent / crop side, drawn log-uniformly: wider than the predictor's scale steps, so that the score head
@@ -85,6 +86,8 @@ class CocoObjects(Dataset):
 
     Images are decoded once, up front, and shared with data-loader workers by fork: no per-sample JSON parsing or
     JPEG decoding. ``exclude`` drops images by file name (e.g. validation images from a training set).
+    ``ladder_prob`` is the share of training crops cut at one of the predictor's first-click scales
+    (:func:`~napari_deepcrop.predictor.first_click_sides`) rather than at a scale relative to the object.
     """
 
     def __init__(
@@ -95,8 +98,9 @@ class CocoObjects(Dataset):
         min_area: float = 400.0,
         exclude: set[str] | frozenset[str] = frozenset(),
         only: set[str] | None = None,
+        ladder_prob: float = 0.0,
     ) -> None:
-        self.config, self.train = config, train
+        self.config, self.train, self.ladder_prob = config, train, ladder_prob
         self.cocos = [_load_coco(s.annotation_file) for s in sources]
         self.images: list[np.ndarray] = []
         self.file_names: list[str] = []
@@ -134,19 +138,32 @@ class CocoObjects(Dataset):
         obj = self.objects[index]
         image = self.images[obj.image_index]
         mask = self.cocos[obj.source_index].annToMask(obj.annotation).astype(bool)
-        return make_sample(image, mask, self.config, rng, self.train)
+        return make_sample(image, mask, self.config, rng, self.train, self.ladder_prob)
 
 
 def make_sample(
-    image: np.ndarray, mask: np.ndarray, config: DeepCropConfig, rng: np.random.Generator, train: bool
+    image: np.ndarray,
+    mask: np.ndarray,
+    config: DeepCropConfig,
+    rng: np.random.Generator,
+    train: bool,
+    ladder_prob: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """One training (or validation) sample of an object ``mask`` in an RGB uint8 ``image``."""
+    """One training (or validation) sample of an object ``mask`` in an RGB uint8 ``image``.
+
+    The crop's side is drawn relative to the object (``RATIO_RANGE``), or, with probability ``ladder_prob``,
+    among the sides a first click tries on this image, however small or large the object is in them: what the
+    score head has to rank at inference.
+    """
     size = config.input_size
     click = _sample_click(mask, rng, protocol_click=not train or rng.random() < 0.35)
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
     low, high = RATIO_RANGE if train else VAL_RATIO_RANGE
-    side = max(extent / math.exp(rng.uniform(math.log(low), math.log(high))), 16.0)
+    if train and ladder_prob > 0 and rng.random() < ladder_prob:
+        side = float(rng.choice(first_click_sides(mask.shape)))
+    else:
+        side = max(extent / math.exp(rng.uniform(math.log(low), math.log(high))), 16.0)
     center = np.asarray(click, float)
     if train:
         center = center + rng.uniform(-0.1, 0.1, size=2) * side

@@ -84,6 +84,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-clicks", action="store_true", help="DeepMask itself: no click plane (report baseline)")
     p.add_argument("--single-click", action="store_true", help="the report's DeepCropV2: one positive plane only")
     p.add_argument("--iterative-prob", type=float, default=0.5, help="share of batches with corrective clicks")
+    p.add_argument(
+        "--ladder-prob", type=float, default=0.0,
+        help="share of crops cut at the predictor's first-click scales (teaches the score head to rank them)",
+    )  # fmt: skip
     p.add_argument("--pretrained", choices=("imagenet",), help="ImageNet trunk weights (downloads them)")
     p.add_argument("--min-area", type=float, default=400.0, help="skip smaller objects (pixels)")
     p.add_argument("--no-progress", action="store_true")
@@ -155,18 +159,20 @@ def build_datasets(args: argparse.Namespace, config: DeepCropConfig) -> tuple[Co
         raise SystemExit("--data-path is required")
     if args.val_data_path:
         val = CocoObjects(_sources(args.val_data_path, args.val_images_dir), config, False, args.min_area)
-        train = CocoObjects(train_sources, config, True, args.min_area, exclude=set(val.file_names))
+        train = CocoObjects(
+            train_sources, config, True, args.min_area, exclude=set(val.file_names), ladder_prob=args.ladder_prob
+        )
         return train, val
     everything = CocoObjects(train_sources, config, False, args.min_area)
     if args.val_split_by == "objects":
-        train = CocoObjects(train_sources, config, True, args.min_area)
+        train = CocoObjects(train_sources, config, True, args.min_area, ladder_prob=args.ladder_prob)
         return _split_objects(everything, train, args.val_split)
     names = sorted(everything.file_names)
     n_val = held_out_count(len(names), args.val_split)
     held_out = set(
         torch.utils.data.random_split(names, [n_val, len(names) - n_val], torch.Generator().manual_seed(0))[0]
     )
-    train = CocoObjects(train_sources, config, True, args.min_area, exclude=held_out)
+    train = CocoObjects(train_sources, config, True, args.min_area, exclude=held_out, ladder_prob=args.ladder_prob)
     val = CocoObjects(train_sources, config, False, args.min_area, only=held_out) if held_out else train
     return train, val
 

@@ -25,7 +25,7 @@ def segment(args: argparse.Namespace) -> None:
     if not args.click:
         raise SystemExit("give at least one --click ROW,COL")
     image = iio.imread(args.image)
-    predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, args.device)
+    predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, args.device, snap_edges=not args.no_snap)
     predictor.set_image(image)
     points = np.array(args.click + args.negative, float)
     labels = np.array([1] * len(args.click) + [0] * len(args.negative))
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="mask image to write (PNG)")
     p.add_argument("--checkpoint", type=Path, help="default: the bundled model")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    p.add_argument("--no-snap", action="store_true", help="the network's mask as it is, not snapped to edges")
     p.set_defaults(func=segment)
 
     p = sub.add_parser("gui", help="open napari with the DeepCrop widget on an image (default: a sample)")

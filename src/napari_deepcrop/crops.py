@@ -120,6 +120,43 @@ def paste_logits(logits: np.ndarray, crop: Crop, shape: tuple[int, int]) -> tupl
     return mask, (r0 + int(rows[0]), c0 + int(cols[0]))
 
 
+def logits_extent(logits: np.ndarray, crop: Crop) -> tuple[np.ndarray, np.ndarray] | None:
+    """The image pixel range (lo, hi), inclusive, that the foreground (logits > 0) of a crop covers, or None."""
+    scale = logits.shape[0] / crop.side
+    fg_rows, fg_cols = np.nonzero((logits > 0).any(axis=1))[0], np.nonzero((logits > 0).any(axis=0))[0]
+    if len(fg_rows) == 0:
+        return None
+    origin = np.array([crop.row0, crop.col0])
+    lo = np.floor(origin + np.array([fg_rows[0], fg_cols[0]]) / scale)
+    hi = np.ceil(origin + np.array([fg_rows[-1] + 1, fg_cols[-1] + 1]) / scale) - 1
+    return lo, hi
+
+
+def warp_logits(
+    logits: np.ndarray, source: Crop, target: Crop, fill: float = -20.0, size: int | None = None
+) -> np.ndarray:
+    """Logits of the ``source`` crop resampled onto the ``target`` crop's grid of ``size`` (default: the same as
+    the source's), ``fill`` outside the source."""
+    size = size or logits.shape[0]
+    s_src, s_dst = logits.shape[0] / source.side, size / target.side
+    ratio = s_src / s_dst
+    # target input index j -> image y = target.row0 + (j + 0.5) / s_dst -> source index (y - source.row0) * s_src - 0.5
+    m = np.array(
+        [
+            [ratio, 0, (target.col0 - source.col0) * s_src + 0.5 * ratio - 0.5],
+            [0, ratio, (target.row0 - source.row0) * s_src + 0.5 * ratio - 0.5],
+        ]
+    )
+    return cv2.warpAffine(
+        logits.astype(np.float32),
+        m,
+        (size, size),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=fill,
+    )
+
+
 @dataclass(frozen=True)
 class PlacedMask:
     """A mask of an image of ``shape``, stored as the crop of its bounding box placed at ``origin`` (row0, col0).

@@ -2,8 +2,10 @@
 
 The network only ever sees square crops around the clicks, resized to its input size, with the click planes of
 :func:`napari_deepcrop.clicks.encode_clicks`, exactly as in training. A first click sends crops at several
-scales through the network in one batch and keeps the one whose score (predicted IoU) is best; a refinement
-crops around the current mask and all clicks. Time and memory depend on the crop, not on the image.
+scales through the network in one batch and keeps the one whose score (predicted IoU) is best (training cuts
+some of its crops at these same scales, so that the score head learns to rank them); a refinement crops around
+the current mask and all clicks. Last, the mask's boundary is snapped to the image's edges
+(:mod:`napari_deepcrop.edges`). Time and memory depend on the crop, not on the image.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
 from .clicks import encode_clicks
-from .crops import Crop, PlacedMask, paste_logits, read_crop
+from .crops import Crop, PlacedMask, logits_extent, paste_logits, read_crop, warp_logits
+from .edges import EDGE_SIDE, snap_to_edges
 from .model import DeepCropV2
 
 MIN_CROP_SIDE = 64
@@ -176,6 +180,14 @@ def first_click_sides(shape: tuple[int, ...], max_side: float = math.inf) -> lis
     return sides
 
 
+def _crops_around(lo: np.ndarray, hi: np.ndarray, points: np.ndarray, factors) -> list[Crop]:
+    """Square crops around pixels lo..hi (a mask's bounding box) and the clicks, the box filling REFINE_RATIO of
+    a crop of factor 1."""
+    lo, hi = np.minimum(lo, points.min(axis=0)), np.maximum(hi, points.max(axis=0))
+    extent = max(float((hi - lo).max()) + 1, MIN_CROP_SIDE * REFINE_RATIO)
+    return [Crop.centered((lo + hi) / 2, extent / REFINE_RATIO * f) for f in factors]
+
+
 class DeepCropPredictor:
     """Click-to-mask segmentation with a DeepCropV2; (row, col) coordinates in image pixels.
 
@@ -184,8 +196,16 @@ class DeepCropPredictor:
     >>> mask, score = p.predict(np.array([[120, 200]]), np.array([1]))
     """
 
-    def __init__(self, model: DeepCropV2, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: DeepCropV2,
+        device: str | torch.device | None = None,
+        snap_edges: bool = True,
+    ) -> None:
         self.device = pick_device(device)
+        # GrabCut moves the mask's boundary onto the image's edges (napari_deepcrop.edges); False: the network's
+        # own mask, about half the time per click
+        self.snap_edges = snap_edges
         if self.device.type == "cpu":
             # trained weights hold denormal floats, which x86 CPUs compute slowly; flushing them to zero changes
             # no mask and speeds inference up (a process-wide setting, harmless for napari)
@@ -196,11 +216,12 @@ class DeepCropPredictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None
+        cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None, **kwargs: Any
     ) -> DeepCropPredictor:
-        """Load a checkpoint (None: the bundled default) onto ``device`` (None: CUDA when available, else CPU)."""
+        """Load a checkpoint (None: the bundled default) onto ``device`` (None: CUDA when available, else CPU);
+        ``kwargs`` go to the constructor (``snap_edges``)."""
         model, _ = load_checkpoint(path)
-        return cls(model, device)
+        return cls(model, device, **kwargs)
 
     def set_image(
         self,
@@ -240,7 +261,10 @@ class DeepCropPredictor:
         crops = self._candidate_crops(points, labels, prev_mask, source.shape, source.max_crop_side)
         logits, scores = self._run(source, crops, points, labels, prev_mask)
         best = int(np.argmax(scores))
-        crop_mask, (row0, col0) = paste_logits(logits[best], crops[best], source.shape)
+        crop, chosen = crops[best], logits[best]
+        if self.snap_edges:
+            crop, chosen = self._snap(source, crop, chosen, points, labels)
+        crop_mask, (row0, col0) = paste_logits(chosen, crop, source.shape)
         score = float(scores[best])
         if return_crop:
             return crop_mask, (row0, col0), score
@@ -292,11 +316,19 @@ class DeepCropPredictor:
             center = points[labels == 1][0]
             return [Crop.centered(center, s) for s in first_click_sides(shape, max_side)]
         (row0, col0), (h, w) = prev_mask.origin, prev_mask.crop.shape
-        lo = np.minimum([row0, col0], points.min(axis=0))
-        hi = np.maximum([row0 + h - 1, col0 + w - 1], points.max(axis=0))
-        extent = max(float((hi - lo).max()) + 1, MIN_CROP_SIDE * REFINE_RATIO)
-        center = (lo + hi) / 2
-        return [Crop.centered(center, extent / REFINE_RATIO * f) for f in (1.0, 1.5)]
+        return _crops_around(np.array([row0, col0]), np.array([row0 + h - 1, col0 + w - 1]), points, (1.0, 1.5))
+
+    @staticmethod
+    def _snap(source: ImageSource, crop: Crop, logits: np.ndarray, points, labels) -> tuple[Crop, np.ndarray]:
+        """The mask snapped to edges by GrabCut, on the object's neighbourhood at up to EDGE_SIDE pixels."""
+        extent = logits_extent(logits, crop)
+        if extent is None:
+            return crop, logits
+        region = _crops_around(*extent, points, (1.0,))[0]
+        size = int(min(EDGE_SIDE, max(math.ceil(region.side), MIN_CROP_SIDE)))
+        rgb = read_crop(source.array, region, size, source.to_float)
+        prior = warp_logits(logits, crop, region, size=size)
+        return region, snap_to_edges(rgb, prior, region.to_input(points, size), labels)
 
     @torch.inference_mode()
     def _run(self, source: ImageSource, crops, points, labels, prev_mask) -> tuple[np.ndarray, np.ndarray]:

@@ -364,7 +364,6 @@ def test_end_to_end_with_the_bundled_model(make_widget, qtbot):
 def test_channels_of_a_multichannel_image_go_to_the_network_together(make_widget, predictor, qtbot, notifications):
     """napari's channel_axis splits a microscopy image into one layer per channel: the '+ channels' choice adds
     up to two of them, each with its own contrast limits; RGB images and other shapes are not offered."""
-    from napari_deepcrop.predictor import ChannelStack
 
     rng = np.random.default_rng(4)
     channels = rng.integers(0, 4000, (4, 64, 80), dtype=np.uint16)
@@ -406,3 +405,14 @@ def test_channel_stack_reaches_the_real_predictor(make_widget, qtbot):
     widget._channels.value = [viewer.layers["membrane"]]
     click(widget, qtbot, (48, 48))
     assert isinstance(widget.session.mask, ObjectMask) and widget.session.mask.shape == (96, 96)
+
+
+def test_snap_to_edges_reaches_the_predictor(make_widget, predictor, qtbot):
+    """The checkbox sets the predictor's snapping for the next prediction (on by default)."""
+    predictor.snap_edges = None
+    viewer, widget = make_widget((IMAGE, {"name": "image"}))
+    click(widget, qtbot, (30, 40))
+    assert predictor.snap_edges is True
+    widget._snap.value = False
+    click(widget, qtbot, (32, 40))
+    assert predictor.snap_edges is False

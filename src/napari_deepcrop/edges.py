@@ -1,0 +1,51 @@
+"""Snap a mask to the image's edges: OpenCV GrabCut around the object, seeded by the network's mask.
+
+The network sees an object at about 77 of its 128 input pixels, so on a large object its boundary is a few image
+pixels off. GrabCut (Rother et al. 2004) on the object's neighbourhood, at up to :data:`EDGE_SIDE` pixels,
+starts from the network's mask as "probably object / probably background", with the clicks as sure seeds, and
+moves the boundary onto colour edges. This is the post-process of Xu et al. 2016, "Deep Interactive Object
+Selection". When GrabCut disagrees wildly with the network (it leaked into the background, say), the
+network's mask is kept.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+EDGE_SIDE = 240  # working resolution of the object's neighbourhood (320: no better on GrabCut, 1.6x slower)
+ITERATIONS = 2
+CLICK_RADIUS = 3  # sure-object / sure-background disk at each click, in working pixels
+MIN_AGREEMENT = 0.5  # GrabCut's mask must have at least this IoU with the network's to replace it
+
+
+def snap_to_edges(
+    rgb: np.ndarray,
+    logits: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+    iterations: int = ITERATIONS,
+) -> np.ndarray:
+    """GrabCut on ``rgb`` ((S, S, 3) float in [0, 1]) from the network's ``logits`` ((S, S), > 0 is object) and
+    the clicks (``points`` (N, 2) in the same pixels, ``labels`` 1 / 0). Returns logits-like +1 / -1 (S, S)."""
+    prior = logits > 0
+    if not prior.any() or prior.all():
+        return logits
+    seeds = np.where(prior, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+    seeds[[0, -1], :] = seeds[:, [0, -1]] = cv2.GC_BGD  # the crop's frame is background: a model for it
+    size = seeds.shape[0]
+    for (row, col), label in zip(np.round(points).astype(int), labels, strict=True):
+        if 0 <= row < size and 0 <= col < size:
+            cv2.circle(seeds, (int(col), int(row)), CLICK_RADIUS, int(cv2.GC_FGD if label else cv2.GC_BGD), -1)
+    image = np.ascontiguousarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    models = (np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64))
+    cv2.setRNGSeed(0)  # GrabCut's k-means starts from OpenCV's (thread-local) RNG: the same clicks, the same mask
+    try:
+        cv2.grabCut(image, seeds, None, *models, iterations, cv2.GC_INIT_WITH_MASK)
+    except cv2.error:  # e.g. no background pixel left to model: keep the network's mask
+        return logits
+    snapped = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
+    union = np.count_nonzero(snapped | prior)
+    if not union or np.count_nonzero(snapped & prior) / union < MIN_AGREEMENT:
+        return logits
+    return np.where(snapped, 1.0, -1.0).astype(np.float32)
