@@ -17,9 +17,15 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("-o", "--output", type=Path, default=default_checkpoint_path())
     parser.add_argument("--metrics", type=Path, action="append", default=[], help="JSON files of measured numbers")
+    parser.add_argument("--note", help="anything else the file should say about where it came from")
     args = parser.parse_args()
     model, payload = load_checkpoint(args.checkpoint)
     meta = dict(payload.get("meta", {}))
+    init = meta.get("args", {}).get("init")
+    if init and Path(init).exists():  # a fine-tune: keep where its starting point came from (read before overwriting)
+        meta["init_meta"] = load_checkpoint(init)[1].get("meta", {})
+    if args.note:
+        meta["note"] = args.note
     meta.update(
         source_checkpoint=args.checkpoint.name,
         trained_steps=payload.get("step"),

@@ -190,3 +190,17 @@ def test_sigterm_saves_a_resumable_checkpoint(coco, tmp_path):
     assert "interrupted: saved" in err
     assert read_checkpoint(out / "checkpoint.pt")["step"] > 0
     load_checkpoint(out / "checkpoint.pt")  # what the predictor loads
+
+
+@pytest.mark.parametrize("name, ladder_prob", [("default", 0.0), ("ladder", 0.3)])
+def test_the_recipe_configs_parse_and_name_real_data(name, ladder_prob):
+    """The bundled model's two configs: every key is a flag, and every data path exists where the data is."""
+    from pathlib import Path
+
+    config = Path(train.__file__).parent / "configs" / f"{name}.toml"
+    args = train.parse_args(["--config", str(config)])
+    assert args.ladder_prob == ladder_prob and args.head == "refine" and args.input_size == 128
+    paths = [*args.data_path, *args.val_data_path]
+    if not paths[0].exists():
+        pytest.skip(f"the COCO subsets are not at {paths[0].parent.parent.parent} (../shared/data)")
+    assert all(path.exists() for path in paths)
