@@ -339,3 +339,26 @@ def test_eval_command_writes_a_report(tmp_path, capsys):
     assert "NoC@90" in capsys.readouterr().out
     assert json.loads(output.read_text())["summary"] == report["summary"]
     assert len(report["per_sample"]["disk"]["ious"]) == 2
+
+
+def test_eval_command_measures_snapped_and_own_masks(tmp_path, monkeypatch):
+    """--no-snap evaluates the network's own masks; by default the predictor snaps them, as the widget does."""
+    from napari_deepcrop.predictor import DeepCropPredictor
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "gt").mkdir()
+    image, disk = disk_on_noise()
+    iio.imwrite(tmp_path / "img" / "disk.png", image)
+    iio.imwrite(tmp_path / "gt" / "disk.png", disk.astype(np.uint8) * 255)
+    seen = []
+    original = DeepCropPredictor.predict
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.snap_edges)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeepCropPredictor, "predict", recording)
+    argv = ["--dataset", str(tmp_path), "--max-clicks", "1", "--device", "cpu", "--output", str(tmp_path / "r.json")]
+    main(argv)
+    main([*argv, "--no-snap"])
+    assert seen == [True, False]

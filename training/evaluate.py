@@ -393,6 +393,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--min-area", type=float, default=COCO_SMALL_AREA, help="COCO objects at least this large"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-instances subset")
+    parser.add_argument("--no-snap", action="store_true", help="the network's own masks, not snapped to edges")
     parser.add_argument(
         "--output", type=Path, default=Path("results.json"), help="JSON with summary and curves"
     )
@@ -404,7 +405,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from napari_deepcrop.predictor import DeepCropPredictor
 
     samples = load_dataset(args.dataset, args.images_dir, args.max_instances, args.min_area, args.seed)
-    predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, device=args.device, snap_edges=not args.no_snap)
     results = evaluate_dataset(predictor, samples, args.max_clicks, progress=True)
     summary = summarize(results.values())
     print(format_table({"deepcrop": summary}))
