@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
-    if name.startswith("deepcrop"):
+    if name in DEEPCROP:
         from napari_deepcrop.predictor import DeepCropPredictor
 
         return DeepCropPredictor.from_checkpoint(args.checkpoint, device=args.device, **DEEPCROP[name])
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     for name in args.methods:
         segmenter = make_segmenter(name, args)
-        if name.startswith("deepcrop"):
+        if name in DEEPCROP:
             report["machine"]["model_device"] = str(segmenter.device)
         results = evaluate_dataset(segmenter, samples, args.max_clicks, progress=True)
         report["methods"][name] = {

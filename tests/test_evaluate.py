@@ -327,12 +327,17 @@ def test_grabcut_loader_on_the_real_benchmark():
 # --- command line ------------------------------------------------------------------------------------------
 
 
-def test_eval_command_writes_a_report(tmp_path, capsys):
-    (tmp_path / "img").mkdir()
-    (tmp_path / "gt").mkdir()
+def write_disk_folder(root):
+    """An img/ + gt/ dataset of one disk on noise, as the eval command reads it."""
+    (root / "img").mkdir()
+    (root / "gt").mkdir()
     image, disk = disk_on_noise()
-    iio.imwrite(tmp_path / "img" / "disk.png", image)
-    iio.imwrite(tmp_path / "gt" / "disk.png", disk.astype(np.uint8) * 255)
+    iio.imwrite(root / "img" / "disk.png", image)
+    iio.imwrite(root / "gt" / "disk.png", disk.astype(np.uint8) * 255)
+
+
+def test_eval_command_writes_a_report(tmp_path, capsys):
+    write_disk_folder(tmp_path)
     output = tmp_path / "results.json"
     argv = ["--dataset", str(tmp_path), "--max-clicks", "2", "--device", "cpu", "--output", str(output)]
     report = main(argv)
@@ -345,11 +350,7 @@ def test_eval_command_measures_snapped_and_own_masks(tmp_path, monkeypatch):
     """--no-snap evaluates the network's own masks; by default the predictor snaps them, as the widget does."""
     from napari_deepcrop.predictor import DeepCropPredictor
 
-    (tmp_path / "img").mkdir()
-    (tmp_path / "gt").mkdir()
-    image, disk = disk_on_noise()
-    iio.imwrite(tmp_path / "img" / "disk.png", image)
-    iio.imwrite(tmp_path / "gt" / "disk.png", disk.astype(np.uint8) * 255)
+    write_disk_folder(tmp_path)
     seen = []
     original = DeepCropPredictor.predict
 

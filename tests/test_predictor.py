@@ -178,5 +178,6 @@ def test_warped_logits_match_logits_cut_at_the_target_crop():
     logits = np.full((64, 64), -1.0, np.float32)
     logits[16:32, 8:40] = 1.0  # input pixels -> image: 100 + 16 * 200 / 64 = 150 ... 100 + 32 * 200 / 64 = 200
     lo, hi = logits_extent(logits, source)
-    np.testing.assert_array_equal(lo, [150, 145]) and np.testing.assert_array_equal(hi, [199, 244])
+    np.testing.assert_array_equal(lo, [150, 145])
+    np.testing.assert_array_equal(hi, [199, 244])
     assert logits_extent(np.full((64, 64), -1.0), source) is None

@@ -80,6 +80,19 @@ def read_crop(
     return out.reshape(size, size, *channels)
 
 
+def logits_extent(logits: np.ndarray, crop: Crop, margin: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """The image pixel range (lo, hi), inclusive, that the foreground (logits > 0) of a crop covers, widened by
+    ``margin`` input pixels on each side, or None when nothing is foreground. Not clipped to the image."""
+    scale = logits.shape[0] / crop.side
+    fg_rows, fg_cols = np.nonzero((logits > 0).any(axis=1))[0], np.nonzero((logits > 0).any(axis=0))[0]
+    if len(fg_rows) == 0:
+        return None
+    origin = np.array([crop.row0, crop.col0])
+    lo = np.floor(origin + (np.array([fg_rows[0], fg_cols[0]]) - margin) / scale)
+    hi = np.ceil(origin + (np.array([fg_rows[-1], fg_cols[-1]]) + 1 + margin) / scale) - 1
+    return lo, hi
+
+
 def paste_logits(logits: np.ndarray, crop: Crop, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """Resize crop logits (S, S) to image resolution and threshold them, only over the mask's bounding box.
 
@@ -88,14 +101,12 @@ def paste_logits(logits: np.ndarray, crop: Crop, shape: tuple[int, int]) -> tupl
     """
     size = logits.shape[0]
     scale = size / crop.side
-    fg_rows, fg_cols = np.nonzero((logits > 0).any(axis=1))[0], np.nonzero((logits > 0).any(axis=0))[0]
-    if len(fg_rows) == 0:
+    extent = logits_extent(logits, crop, margin=1)  # one input pixel of margin for interpolation
+    if extent is None:
         return np.zeros((0, 0), bool), (0, 0)
-    # foreground input pixels (with one pixel of margin for interpolation) -> image pixel range
-    r0 = max(0, math.floor(crop.row0 + (fg_rows[0] - 1) / scale))
-    c0 = max(0, math.floor(crop.col0 + (fg_cols[0] - 1) / scale))
-    r1 = min(shape[0], math.ceil(crop.row0 + (fg_rows[-1] + 2) / scale))
-    c1 = min(shape[1], math.ceil(crop.col0 + (fg_cols[-1] + 2) / scale))
+    (lo_r, lo_c), (hi_r, hi_c) = extent
+    r0, c0 = max(0, int(lo_r)), max(0, int(lo_c))
+    r1, c1 = min(shape[0], int(hi_r) + 1), min(shape[1], int(hi_c) + 1)
     if r1 <= r0 or c1 <= c0:
         return np.zeros((0, 0), bool), (0, 0)
     # image index y -> input index (y + 0.5 - crop.row0) * scale - 0.5
@@ -118,18 +129,6 @@ def paste_logits(logits: np.ndarray, crop: Crop, shape: tuple[int, int]) -> tupl
         return np.zeros((0, 0), bool), (0, 0)
     mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     return mask, (r0 + int(rows[0]), c0 + int(cols[0]))
-
-
-def logits_extent(logits: np.ndarray, crop: Crop) -> tuple[np.ndarray, np.ndarray] | None:
-    """The image pixel range (lo, hi), inclusive, that the foreground (logits > 0) of a crop covers, or None."""
-    scale = logits.shape[0] / crop.side
-    fg_rows, fg_cols = np.nonzero((logits > 0).any(axis=1))[0], np.nonzero((logits > 0).any(axis=0))[0]
-    if len(fg_rows) == 0:
-        return None
-    origin = np.array([crop.row0, crop.col0])
-    lo = np.floor(origin + np.array([fg_rows[0], fg_cols[0]]) / scale)
-    hi = np.ceil(origin + np.array([fg_rows[-1] + 1, fg_cols[-1] + 1]) / scale) - 1
-    return lo, hi
 
 
 def warp_logits(
