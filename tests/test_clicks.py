@@ -84,7 +84,7 @@ def test_ladder_crops_are_cut_at_the_predictors_first_click_scales():
     image = np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8)
     mask = np.zeros((300, 300), bool)
     mask[90:210, 90:210] = True  # 120 x 120: still 7 input pixels across in the largest crop
-    ladder = np.array(first_click_sides(mask.shape))  # 64, 128, 256, 512, 1024
+    ladder = np.array(first_click_sides(mask.shape))  # 64, 128, 256, 512
 
     def implied_side(sample):  # object pixels in the crop (inside + cut off) = area * (size / side)^2, rounded
         pixels = float(sample["mask"].sum() + sample["outside"])

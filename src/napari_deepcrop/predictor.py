@@ -29,7 +29,7 @@ MIN_CROP_SIDE = 64
 REFINE_RATIO = 0.6
 STATS_PIXELS = 1_000_000
 # a lazy (dask, zarr) image loads every chunk a crop touches, strided or not: a first click reads at most this
-# square of it (objects up to about this size), not up to twice the whole image
+# square of it (objects up to about this size), not up to the whole image
 LAZY_MAX_CROP_SIDE = 4096
 
 
@@ -168,12 +168,15 @@ def _auto_contrast(image: np.ndarray, channels: tuple[int, ...]) -> tuple[float,
 
 
 def first_click_sides(shape: tuple[int, ...], max_side: float = math.inf) -> list[float]:
-    """The crop sides a first click tries: 64, 128, ... up to twice the image's longer side (or ``max_side``).
+    """The crop sides a first click tries: 64, 128, ... up to the first at least the image's longer side (or
+    ``max_side``).
 
-    Training draws some of its crops from the same ladder, so that the score head learns to rank them.
+    Training draws some of its crops from the same ladder, so that the score head learns to rank them. A rung
+    at twice the image's side (a click at the border of an object filling the image) was never the one chosen
+    on GrabCut or COCO val (the same mIoU@1 without it) and cost a sixth of the first click's network time.
     """
     sides, side = [], float(MIN_CROP_SIDE)
-    while side < min(2 * max(shape[:2]), max_side):
+    while side < min(max(shape[:2]), max_side):
         sides.append(side)
         side *= 2
     sides.append(min(side, max_side))
