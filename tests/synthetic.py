@@ -42,6 +42,14 @@ class DiskObjects(Dataset):
 DISK_CENTERS = ((24, 24), (24, 70), (70, 26), (70, 70))
 
 
+def blocks_image(size: int = 120, block: int = 8, seed: int = 0) -> np.ndarray:
+    """(size, size, 3) uint8 of random colour blocks: no clear object, so GrabCut's result depends on where its
+    random k-means starts (what a determinism test needs; a clean disk converges the same from anywhere)."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, 256, (size // block, size // block, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(cells, block, axis=0), block, axis=1)
+
+
 def disks(centers=DISK_CENTERS, radius: int = 12, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     """An RGB image of bright textured disks on noise, and its label image (disk i is label i)."""
     rng = np.random.default_rng(0)

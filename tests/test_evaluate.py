@@ -216,6 +216,18 @@ def test_baseline_segments_a_disk_from_one_click(method, gray16):
 
 
 @pytest.mark.parametrize("method", [MagicWand, GrabCutClicks, RandomWalkerClicks])
+def test_baseline_gives_the_same_mask_for_the_same_clicks(method):
+    """A benchmark row must not change between runs: GrabCut's random k-means start is seeded (on colour
+    blocks an unseeded one gives a different mask on each call)."""
+    from synthetic import blocks_image
+
+    segmenter = method()
+    segmenter.set_image(blocks_image(seed=0))
+    runs = [segmenter.predict(np.array([[60.0, 60.0]]), np.array([1]))[0] for _ in range(3)]
+    assert all(np.array_equal(runs[0], run) for run in runs[1:])
+
+
+@pytest.mark.parametrize("method", [MagicWand, GrabCutClicks, RandomWalkerClicks])
 def test_baseline_needs_a_positive_click(method):
     segmenter = method()
     segmenter.set_image(disk_on_noise()[0])

@@ -217,6 +217,7 @@ class GrabCutClicks:
         labels = np.asarray(labels).astype(int)
         seeds = self._initial_mask(points, labels)
         models = (np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64))
+        cv2.setRNGSeed(0)  # GrabCut's k-means starts from OpenCV's RNG: the same clicks, the same mask
         cv2.grabCut(self._small, seeds, None, *models, self.iterations, cv2.GC_INIT_WITH_MASK)
         return _upscale((seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD), self._shape), NO_SCORE
 
