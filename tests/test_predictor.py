@@ -181,3 +181,19 @@ def test_warped_logits_match_logits_cut_at_the_target_crop():
     np.testing.assert_array_equal(lo, [150, 145])
     np.testing.assert_array_equal(hi, [199, 244])
     assert logits_extent(np.full((64, 64), -1.0), source) is None
+
+
+@pytest.mark.parametrize(
+    ("shape", "max_side", "expected"),
+    [
+        ((300, 300), float("inf"), [64, 128, 256, 512]),  # up to the first side covering the image, no further
+        ((700, 1024, 3), float("inf"), [64, 128, 256, 512, 1024]),  # the longer side counts
+        ((40, 50), float("inf"), [64]),  # an image smaller than the smallest crop: one crop
+        ((10_000, 10_000), 4096, [64, 128, 256, 512, 1024, 2048, 4096]),  # a lazy image's cap
+        ((10_000, 10_000), 3000, [64, 128, 256, 512, 1024, 2048, 3000]),  # a cap off the ladder is its last rung
+    ],
+)
+def test_first_click_scales_run_from_the_smallest_crop_to_the_whole_image(shape, max_side, expected):
+    from napari_deepcrop.predictor import first_click_sides
+
+    assert first_click_sides(shape, max_side) == expected
