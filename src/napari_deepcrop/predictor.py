@@ -207,7 +207,7 @@ class DeepCropPredictor:
     ) -> None:
         self.device = pick_device(device)
         # GrabCut moves the mask's boundary onto the image's edges (napari_deepcrop.edges); False: the network's
-        # own mask, about half the time per click
+        # own mask, 30-40 ms less per click (benchmarks/latency.py, 2 CPU cores)
         self.snap_edges = snap_edges
         if self.device.type == "cpu":
             # trained weights hold denormal floats, which x86 CPUs compute slowly; flushing them to zero changes
