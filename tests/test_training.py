@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 from synthetic import disk_image
 
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint
+from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 from napari_deepcrop.training import train
 
 
@@ -192,15 +193,123 @@ def test_sigterm_saves_a_resumable_checkpoint(coco, tmp_path):
     load_checkpoint(out / "checkpoint.pt")  # what the predictor loads
 
 
-@pytest.mark.parametrize("name, ladder_prob", [("default", 0.0), ("ladder", 0.3)])
-def test_the_recipe_configs_parse_and_name_real_data(name, ladder_prob):
-    """The bundled model's two configs: every key is a flag, and every data path exists where the data is."""
+def test_the_recipe_config_is_two_stages_and_names_real_data(tmp_path):
+    """The bundled model's recipe: objects from scratch, then ladder crops from its last weights, one command."""
     from pathlib import Path
 
-    config = Path(train.__file__).parent / "configs" / f"{name}.toml"
-    args = train.parse_args(["--config", str(config)])
-    assert args.ladder_prob == ladder_prob and args.head == "refine" and args.input_size == 128
-    paths = [*args.data_path, *args.val_data_path]
+    config = Path(train.__file__).parent / "configs" / "default.toml"
+    objects, ladder = train.parse_stages(["--config", str(config), "--output-dir", str(tmp_path)])
+    assert (objects.epochs, objects.ladder_prob, objects.init) == (24, 0.0, None)
+    assert (ladder.epochs, ladder.ladder_prob, ladder.lr) == (10, 0.3, 5e-4)
+    assert ladder.init == tmp_path / "objects" / "checkpoint.pt" and ladder.output_dir == tmp_path / "ladder"
+    assert all(a.head == "refine" and a.input_size == 128 and a.samples_per_epoch == 3000 for a in (objects, ladder))
+    paths = [*objects.data_path, *objects.val_data_path]
     if not paths[0].exists():
         pytest.skip(f"the COCO subsets are not at {paths[0].parent.parent.parent} (../shared/data)")
     assert all(path.exists() for path in paths)
+
+
+STAGED = """
+input-size = 64
+batch-size = 4
+samples-per-epoch = 12
+val-samples = 8
+val-split = 0.34
+warmup-steps = 2
+workers = 0
+no-progress = true
+
+[[stage]]
+name = "first"
+epochs = 2
+lr = 1e-3
+
+[[stage]]
+name = "second"
+epochs = 1
+lr = 2e-4
+ladder-prob = 0.5
+"""
+
+
+def staged_config(tmp_path, coco, text=STAGED):
+    path = tmp_path / "recipe.toml"
+    path.write_text(f'data-path = ["{coco.name}"]\n' + text)  # relative to the config, as in the bundled one
+    return path
+
+
+def test_a_config_of_stages_runs_them_in_order_from_one_command(coco, tmp_path, capsys):
+    config = staged_config(tmp_path, coco)
+    out = tmp_path / "run"
+    train.cli(["--config", str(config), "--output-dir", str(out)])
+    first, second = read_checkpoint(out / "first" / "checkpoint.pt"), read_checkpoint(out / "second" / "checkpoint.pt")
+    assert (first["epoch"], first["step"], second["epoch"], second["step"]) == (2, 6, 1, 3)
+    assert second["meta"]["args"]["init"] == str(out / "first" / "checkpoint.pt")
+    assert (first["meta"]["args"]["lr"], second["meta"]["args"]["lr"]) == (1e-3, 2e-4)
+    assert (first["meta"]["args"]["ladder_prob"], second["meta"]["args"]["ladder_prob"]) == (0.0, 0.5)
+    # stage 2 started from stage 1's last weights, not from a new model (seed 0: stage 1's own starting point)
+    start = load_checkpoint(out / "first" / "checkpoint.pt")[0].state_dict()
+    end = load_checkpoint(out / "second" / "checkpoint.pt")[0].state_dict()
+    torch.manual_seed(0)
+    fresh = DeepCropV2(DeepCropConfig.from_dict(first["config"])).state_dict()
+
+    def distance(a, b):
+        return sum((a[k].float() - b[k].float()).abs().sum().item() for k in a if a[k].is_floating_point())
+
+    assert distance(end, start) < 0.5 * distance(end, fresh)
+    # the same command again: both stages are done, nothing is trained or overwritten
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    capsys.readouterr()
+    train.cli(["--config", str(config), "--output-dir", str(out)])
+    assert capsys.readouterr().out.count("done already") == 2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == before
+
+
+def test_the_same_command_again_continues_an_interrupted_recipe(coco, tmp_path, capsys):
+    config = staged_config(tmp_path, coco)
+    out = tmp_path / "run"
+    train.cli(["--config", str(config), "--output-dir", str(out), "--max-steps", "4"])  # stops inside stage 1
+    assert read_checkpoint(out / "first" / "checkpoint.pt")["step"] == 4
+    assert not (out / "second").exists()
+    assert "stopped before its last epoch" in capsys.readouterr().out
+    train.cli(["--config", str(config), "--output-dir", str(out)])
+    assert "first (1/2): resuming" in capsys.readouterr().out
+    assert read_checkpoint(out / "first" / "checkpoint.pt")["step"] == 6  # went on from step 4, not from 0
+    assert read_checkpoint(out / "second" / "checkpoint.pt")["step"] == 3
+
+
+def test_a_stage_folder_of_other_settings_is_not_overwritten(coco, tmp_path):
+    out = tmp_path / "run"
+    train.cli(["--config", str(staged_config(tmp_path, coco)), "--output-dir", str(out), "--max-steps", "2"])
+    saved = (out / "first" / "checkpoint.pt").read_bytes()
+    changed = staged_config(tmp_path, coco, STAGED.replace("lr = 1e-3", "lr = 5e-3"))
+    with pytest.raises(SystemExit, match=r"first/checkpoint.pt was trained with other settings \(lr\)"):
+        train.cli(["--config", str(changed), "--output-dir", str(out)])
+    assert (out / "first" / "checkpoint.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[[stage]]\nepochs = 1\n", "needs a name"),
+        ('[[stage]]\nname = "a/b"\n', "plain folder name"),
+        ('[[stage]]\nname = "a"\n[[stage]]\nname = "a"\n', "names repeat"),
+        ('[[stage]]\nname = "a"\nepoch = 1\n', "stage 'a': unknown keys \\['epoch'\\]"),
+        ('[[stage]]\nname = "a"\n[[stage]]\nname = "b"\ninit = "x.pt"\n', "may not set"),
+        ("stage = 3\n", "list of \\[\\[stage\\]\\] tables"),
+        ("epochs = [\n", "--config"),
+    ],
+)
+def test_bad_stage_configs_are_refused_with_the_reason(coco, tmp_path, capsys, text, message):
+    config = staged_config(tmp_path, coco, text)
+    with pytest.raises(SystemExit):
+        train.parse_stages(["--config", str(config)])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_resume_and_test_only_take_one_run_not_a_recipe(coco, tmp_path, capsys):
+    config = staged_config(tmp_path, coco)
+    for flag in (["--resume", "x.pt"], ["--test-only"]):
+        with pytest.raises(SystemExit):
+            train.parse_stages(["--config", str(config), *flag])
+        assert "give the same command again" in capsys.readouterr().err

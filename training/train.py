@@ -95,25 +95,120 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags over the --config TOML over the built-in defaults."""
+    """Flags over the --config TOML over the built-in defaults (a config of stages: its first stage)."""
+    return parse_stages(argv)[0]
+
+
+# settings of a run that a stage's checkpoint must share with the command that continues it
+_RUN_ONLY = {"config", "output_dir", "resume", "init", "max_steps", "device", "workers", "no_progress", "amp"}
+
+
+def parse_stages(argv: Sequence[str] | None = None) -> list[argparse.Namespace]:
+    """The runs one command makes: one, or one per ``[[stage]]`` table of the --config TOML.
+
+    A stage's keys override the file's top level, and flags given on the command line override both. Stage k
+    writes to ``<output-dir>/<name>`` and, after the first, starts from the last weights of stage k-1, so that a
+    recipe of several stages (the bundled model's) is one command.
+    """
     parser = get_args_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.config is not None:
+    if pre.config is None:
+        return [parser.parse_args(argv)]
+    try:
         with open(pre.config, "rb") as f:
             values = tomllib.load(f)
-        known = {a.dest for a in parser._actions}
-        unknown = {k.replace("-", "_") for k in values} - known
-        if unknown:
-            parser.error(f"{pre.config}: unknown keys {sorted(unknown)}")
-        base = pre.config.parent
-        defaults = {}
-        for key, value in values.items():
-            dest = key.replace("-", "_")
-            if dest.endswith(("path", "dir")) and value is not None:
-                value = [base / v for v in value] if isinstance(value, list) else base / value
-            defaults[dest] = value
-        parser.set_defaults(**defaults)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        parser.error(f"--config {pre.config}: {exc}")
+    stages = values.pop("stage", None)
+    _check_keys(parser, pre.config, values)
+    if stages is None:
+        return [_parse_with(parser, argv, _file_defaults(values, pre.config.parent))]
+    if not isinstance(stages, list) or not stages:
+        parser.error(f"{pre.config}: 'stage' must be a list of [[stage]] tables")
+    names = [stage.get("name") for stage in stages]
+    if not all(isinstance(n, str) and n and n == Path(n).name and n not in (".", "..") for n in names):
+        parser.error(f"{pre.config}: every [[stage]] needs a name that is a plain folder name, got {names}")
+    if len(set(names)) != len(names):
+        parser.error(f"{pre.config}: stage names repeat: {names}")
+    if pre.resume is not None or pre.test_only:
+        parser.error(
+            "--resume and --test-only take one run, not a config of stages: to continue a staged run, give the "
+            "same command again (each stage resumes from its own checkpoint)"
+        )
+    runs = []
+    for i, stage in enumerate(stages):
+        table = {k: v for k, v in stage.items() if k != "name"}
+        _check_keys(parser, pre.config, table, f"stage {names[i]!r}: ")
+        if set(table) & {"output-dir", "resume"} or (i > 0 and "init" in table):
+            parser.error(f"{pre.config}: stage {names[i]!r} may not set output-dir, resume or (after the first) init")
+        args = _parse_with(get_args_parser(), argv, _file_defaults({**values, **table}, pre.config.parent))
+        args.output_dir = args.output_dir / names[i]
+        if i > 0:
+            args.init = runs[-1].output_dir / "checkpoint.pt"
+        args.stage = f"{names[i]} ({i + 1}/{len(stages)})"
+        runs.append(args)
+    return runs
+
+
+def _check_keys(parser: argparse.ArgumentParser, config: Path, values: dict, where: str = "") -> None:
+    known = {a.dest for a in parser._actions}
+    unknown = {k.replace("-", "_") for k in values} - known
+    if unknown:
+        parser.error(f"{config}: {where}unknown keys {sorted(unknown)}")
+
+
+def _file_defaults(values: dict[str, Any], base: Path) -> dict[str, Any]:
+    """TOML keys as argparse dests; paths are relative to the TOML file."""
+    defaults = {}
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest.endswith(("path", "dir")) and value is not None:
+            value = [base / v for v in value] if isinstance(value, list) else base / value
+        defaults[dest] = value
+    return defaults
+
+
+def _parse_with(parser: argparse.ArgumentParser, argv: Sequence[str] | None, defaults: dict) -> argparse.Namespace:
+    parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+def run_stages(stages: list[argparse.Namespace]) -> dict[str, Any]:
+    """Run the stages in order; the same command again continues where the last one stopped.
+
+    A stage whose checkpoint has all its epochs is skipped; one with fewer resumes from it. A checkpoint from
+    other settings stops the run rather than mixing two recipes in one folder.
+    """
+    metrics: dict[str, Any] = {}
+    for args in stages:
+        if len(stages) > 1:
+            checkpoint = args.output_dir / "checkpoint.pt"
+            done = read_checkpoint(checkpoint) if checkpoint.exists() else None
+            if done is not None:
+                _check_same_recipe(checkpoint, done.get("meta", {}).get("args", {}), args)
+                if done["epoch"] >= args.epochs:
+                    print(f"stage {args.stage}: done already ({checkpoint}, {done['epoch']} epochs)", flush=True)
+                    continue
+                args.resume = checkpoint
+            print(f"stage {args.stage}: {'resuming' if done else 'training'} in {args.output_dir}", flush=True)
+        metrics = main(args)
+        if len(stages) > 1 and read_checkpoint(args.output_dir / "checkpoint.pt")["epoch"] < args.epochs:
+            print(f"stage {args.stage} stopped before its last epoch: give the same command again to go on")
+            break
+    return metrics
+
+
+def _check_same_recipe(checkpoint: Path, recorded: dict[str, Any], args: argparse.Namespace) -> None:
+    now = _plain(args)
+    differ = sorted(
+        k for k in now.keys() & recorded.keys()
+        if k not in _RUN_ONLY and not k.endswith(("_path", "_dir")) and recorded[k] != now[k]
+    )  # fmt: skip
+    if differ:
+        raise SystemExit(
+            f"{checkpoint} was trained with other settings ({', '.join(differ)}): give another --output-dir, "
+            "or move that folder away to start this recipe again"
+        )
 
 
 def model_config(args: argparse.Namespace) -> DeepCropConfig:
@@ -251,6 +346,8 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         init_model, _ = load_checkpoint(args.init)
         config = init_model.config
         model = init_model.to(device)
+    # channels-last convolutions: ~15 % faster training steps on a 2-core CPU (oneDNN), and what tensor cores want
+    model = model.to(memory_format=torch.channels_last)
 
     train_set, val_set = build_datasets(args, config)
     samples_per_epoch = args.samples_per_epoch or len(train_set)
@@ -416,7 +513,7 @@ def _cleanup(world: int) -> None:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    main(parse_args(argv))
+    run_stages(parse_stages(argv))
 
 
 if __name__ == "__main__":
