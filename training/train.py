@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -302,6 +303,7 @@ def lr_lambda_factory(warmup: int, total: int):
     return factor
 
 
+@functools.cache  # the code this process runs: read once, so a later stage does not name a newer commit
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
