@@ -172,6 +172,20 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(coco, tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_runs_a_config_of_stages(coco, tmp_path):
+    """Under torchrun each stage joins and leaves the process group; rank 0 alone writes and reports."""
+    config = staged_config(tmp_path, coco, STAGED.replace("samples-per-epoch = 12", "samples-per-epoch = 8"))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+           "-m", "napari_deepcrop.training.train", "--config", str(config), "--output-dir", str(out), "--device", "cpu"]
+    result = _run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_checkpoint(out / "first" / "checkpoint.pt")["step"] == 2  # 8 samples / 2 processes / batch 4
+    assert read_checkpoint(out / "second" / "checkpoint.pt")["step"] == 1
+    assert result.stdout.count("training in") == 2 and result.stdout.count("done:") == 2
+
+
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint(coco, tmp_path):
     out = tmp_path / "term"
     cmd = [sys.executable, *train_command(coco, out, "--batch-size", "2", "--samples-per-epoch", "100000",

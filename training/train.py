@@ -180,21 +180,31 @@ def run_stages(stages: list[argparse.Namespace]) -> dict[str, Any]:
     A stage whose checkpoint has all its epochs is skipped; one with fewer resumes from it. A checkpoint from
     other settings stops the run rather than mixing two recipes in one folder.
     """
+    if len(stages) == 1 and not hasattr(stages[0], "stage"):  # flags, or a config without [[stage]] tables
+        return main(stages[0])
+    _, world, _ = init_distributed()
+    try:
+        return _run_in_order(stages)
+    finally:
+        _cleanup(world)
+
+
+def _run_in_order(stages: list[argparse.Namespace]) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
+    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)  # under torchrun: once
     for args in stages:
-        if len(stages) > 1:
-            checkpoint = args.output_dir / "checkpoint.pt"
-            done = read_checkpoint(checkpoint) if checkpoint.exists() else None
-            if done is not None:
-                _check_same_recipe(checkpoint, done.get("meta", {}).get("args", {}), args)
-                if done["epoch"] >= args.epochs:
-                    print(f"stage {args.stage}: done already ({checkpoint}, {done['epoch']} epochs)", flush=True)
-                    continue
-                args.resume = checkpoint
-            print(f"stage {args.stage}: {'resuming' if done else 'training'} in {args.output_dir}", flush=True)
+        checkpoint = args.output_dir / "checkpoint.pt"
+        done = read_checkpoint(checkpoint) if checkpoint.exists() else None
+        if done is not None:
+            _check_same_recipe(checkpoint, done.get("meta", {}).get("args", {}), args)
+            if done["epoch"] >= args.epochs:
+                say(f"stage {args.stage}: done already ({checkpoint}, {done['epoch']} epochs)", flush=True)
+                continue
+            args.resume = checkpoint
+        say(f"stage {args.stage}: {'resuming' if done else 'training'} in {args.output_dir}", flush=True)
         metrics = main(args)
-        if len(stages) > 1 and read_checkpoint(args.output_dir / "checkpoint.pt")["epoch"] < args.epochs:
-            print(f"stage {args.stage} stopped before its last epoch: give the same command again to go on")
+        if read_checkpoint(checkpoint)["epoch"] < args.epochs:
+            say(f"stage {args.stage} stopped before its last epoch: give the same command again to go on")
             break
     return metrics
 
@@ -226,7 +236,8 @@ def model_config(args: argparse.Namespace) -> DeepCropConfig:
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); under torchrun, joins the process group (NCCL on GPUs, gloo on CPU)."""
+    """(rank, world size, local rank); under torchrun, joins the process group (NCCL on GPUs, gloo on CPU) unless
+    this process is in it already (the stages of a recipe share one group: gloo cannot reliably join twice)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
     rank, world, local = (
@@ -237,7 +248,8 @@ def init_distributed() -> tuple[int, int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    dist.init_process_group(backend)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
     return rank, world, local
 
 
@@ -329,6 +341,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
     ``on_step(step)`` runs after every optimizer step; an exception raised there ends the run unsaved (the
     napari widget's cancel button).
     """
+    owns_group = not dist.is_initialized()  # else run_stages leaves the group after the last stage
     rank, world, local = init_distributed()
     is_main = rank == 0
     device = pick_device(args.device)
@@ -406,7 +419,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         metrics = evaluate(model_without_ddp, val_loader, device, not args.no_progress) if is_main else {}
         if is_main:
             print(json.dumps(metrics, indent=2))
-        _cleanup(world)
+        _cleanup(world if owns_group else 1)
         return metrics
 
     stop = {"requested": False, "step": step}
@@ -480,7 +493,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
                 f"interrupted: saved {args.output_dir / 'checkpoint.pt'} at step {step}; --resume it to go on",
                 file=sys.stderr,
             )
-        _cleanup(world)
+        _cleanup(world if owns_group else 1)
         raise SystemExit(130) from None
     finally:
         for sig, handler in previous.items():
@@ -490,7 +503,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
             f"done: {step} steps in {time.time() - start:.0f} s; best validation mean IoU {best:.4f}; "
             f"checkpoints in {args.output_dir}"
         )
-    _cleanup(world)
+    _cleanup(world if owns_group else 1)
     return metrics
 
 
