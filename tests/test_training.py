@@ -259,6 +259,7 @@ def test_a_config_of_stages_runs_them_in_order_from_one_command(coco, tmp_path, 
     first, second = read_checkpoint(out / "first" / "checkpoint.pt"), read_checkpoint(out / "second" / "checkpoint.pt")
     assert (first["epoch"], first["step"], second["epoch"], second["step"]) == (2, 6, 1, 3)
     assert second["meta"]["args"]["init"] == str(out / "first" / "checkpoint.pt")
+    assert second["meta"]["config_text"] == config.read_text() and second["meta"]["args"]["stage"] == "second (2/2)"
     assert (first["meta"]["args"]["lr"], second["meta"]["args"]["lr"]) == (1e-3, 2e-4)
     assert (first["meta"]["args"]["ladder_prob"], second["meta"]["args"]["ladder_prob"]) == (0.0, 0.5)
     # stage 2 started from stage 1's last weights, not from a new model (seed 0: stage 1's own starting point)

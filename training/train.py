@@ -397,6 +397,8 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
 
     meta = {"args": _plain(args), "git_commit": git_commit(), "data": [str(p) for p in args.data_path or []]}
+    if args.config is not None:  # the recipe itself, should the file change or be lost
+        meta["config_text"] = args.config.read_text()
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     def save(name: str, epoch_done: int, step_now: int) -> None:
