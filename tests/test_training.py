@@ -293,12 +293,19 @@ def test_the_same_command_again_continues_an_interrupted_recipe(coco, tmp_path, 
     assert read_checkpoint(out / "second" / "checkpoint.pt")["step"] == 3
 
 
-def test_a_stage_folder_of_other_settings_is_not_overwritten(coco, tmp_path):
+@pytest.mark.parametrize("change, differ", [("lr", "lr"), ("data", "data_path")])
+def test_a_stage_folder_of_other_settings_is_not_overwritten(coco, tmp_path, change, differ):
     out = tmp_path / "run"
     train.cli(["--config", str(staged_config(tmp_path, coco)), "--output-dir", str(out), "--max-steps", "2"])
     saved = (out / "first" / "checkpoint.pt").read_bytes()
-    changed = staged_config(tmp_path, coco, STAGED.replace("lr = 1e-3", "lr = 5e-3"))
-    with pytest.raises(SystemExit, match=r"first/checkpoint.pt was trained with other settings \(lr\)"):
+    if change == "lr":
+        changed = staged_config(tmp_path, coco, STAGED.replace("lr = 1e-3", "lr = 5e-3"))
+    else:
+        (tmp_path / "other").mkdir()
+        other = write_synthetic_coco(tmp_path / "other", seed=1)
+        changed = staged_config(tmp_path, coco, STAGED)
+        changed.write_text(changed.read_text().replace(f'"{coco.name}"', f'"other/{other.name}"'))
+    with pytest.raises(SystemExit, match=rf"first/checkpoint.pt was trained with other settings \({differ}\)"):
         train.cli(["--config", str(changed), "--output-dir", str(out)])
     assert (out / "first" / "checkpoint.pt").read_bytes() == saved
 

@@ -210,11 +210,16 @@ def _run_in_order(stages: list[argparse.Namespace]) -> dict[str, Any]:
 
 
 def _check_same_recipe(checkpoint: Path, recorded: dict[str, Any], args: argparse.Namespace) -> None:
-    now = _plain(args)
-    differ = sorted(
-        k for k in now.keys() & recorded.keys()
-        if k not in _RUN_ONLY and not k.endswith(("_path", "_dir")) and recorded[k] != now[k]
-    )  # fmt: skip
+    def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+        # data by their last three path parts (dataset/annotations/file.json): a path's start depends on the cwd
+        return {
+            k: [Path(p).parts[-3:] for p in v] if k.endswith(("_path", "_dir")) and isinstance(v, list) else v
+            for k, v in settings.items()
+            if k not in _RUN_ONLY
+        }
+
+    now, then = comparable(_plain(args)), comparable(recorded)
+    differ = sorted(k for k in now.keys() & then.keys() if now[k] != then[k])
     if differ:
         raise SystemExit(
             f"{checkpoint} was trained with other settings ({', '.join(differ)}): give another --output-dir, "
@@ -491,10 +496,9 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         step = stop["step"]
         save("checkpoint.pt", epoch, step)
         if is_main:
-            print(
-                f"interrupted: saved {args.output_dir / 'checkpoint.pt'} at step {step}; --resume it to go on",
-                file=sys.stderr,
-            )
+            go_on = "give the same command again" if hasattr(args, "stage") else "--resume it"
+            saved = args.output_dir / "checkpoint.pt"
+            print(f"interrupted: saved {saved} at step {step}; {go_on} to go on", file=sys.stderr)
         _cleanup(world if owns_group else 1)
         raise SystemExit(130) from None
     finally:
