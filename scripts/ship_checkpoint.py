@@ -1,6 +1,6 @@
 """Turn a training checkpoint into the bundled default: model only, float16, with its provenance and numbers.
 
-    python scripts/ship_checkpoint.py runs/default/best.pt --metrics results.json
+    python scripts/ship_checkpoint.py runs/default/ladder/checkpoint.pt --metrics grabcut.json --note "..."
 """
 
 from __future__ import annotations
