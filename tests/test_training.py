@@ -151,6 +151,11 @@ def _run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)
 
 
+def torchrun(port, *args):
+    """Two CPU processes under torchrun, on their own rendezvous port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *args]
+
+
 def train_command(coco, out, *extra):
     """``-m napari_deepcrop.training.train`` arguments for a small run on the synthetic dataset."""
     return ["-m", "napari_deepcrop.training.train", "--data-path", str(coco), "--output-dir", str(out),
@@ -160,9 +165,8 @@ def train_command(coco, out, *extra):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_write_one_checkpoint(coco, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           *train_command(coco, out, "--batch-size", "2", "--samples-per-epoch", "8", "--epochs", "1",
-                          "--val-samples", "4", "--no-progress", "--device", "cpu")]
+    cmd = torchrun(29517, *train_command(coco, out, "--batch-size", "2", "--samples-per-epoch", "8", "--epochs", "1",
+                                         "--val-samples", "4", "--no-progress", "--device", "cpu"))
     result = _run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "log.csv"]
@@ -173,11 +177,11 @@ def test_ddp_two_cpu_processes_write_one_checkpoint(coco, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_runs_a_config_of_stages(coco, tmp_path):
-    """Under torchrun each stage joins and leaves the process group; rank 0 alone writes and reports."""
+    """Under torchrun the stages share one process group; rank 0 alone writes and reports."""
     config = staged_config(tmp_path, coco, STAGED.replace("samples-per-epoch = 12", "samples-per-epoch = 8"))
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
-           "-m", "napari_deepcrop.training.train", "--config", str(config), "--output-dir", str(out), "--device", "cpu"]
+    cmd = torchrun(29518, "-m", "napari_deepcrop.training.train", "--config", str(config), "--output-dir", str(out),
+                   "--device", "cpu")
     result = _run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_checkpoint(out / "first" / "checkpoint.pt")["step"] == 2  # 8 samples / 2 processes / batch 4

@@ -182,16 +182,15 @@ def run_stages(stages: list[argparse.Namespace]) -> dict[str, Any]:
     """
     if len(stages) == 1 and not hasattr(stages[0], "stage"):  # flags, or a config without [[stage]] tables
         return main(stages[0])
-    _, world, _ = init_distributed()
+    rank, world, _ = init_distributed()
     try:
-        return _run_in_order(stages)
+        return _run_in_order(stages, say=print if rank == 0 else lambda *a, **k: None)  # under torchrun: once
     finally:
         _cleanup(world)
 
 
-def _run_in_order(stages: list[argparse.Namespace]) -> dict[str, Any]:
+def _run_in_order(stages: list[argparse.Namespace], say: Callable[..., None]) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
-    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)  # under torchrun: once
     for args in stages:
         checkpoint = args.output_dir / "checkpoint.pt"
         done = read_checkpoint(checkpoint) if checkpoint.exists() else None
