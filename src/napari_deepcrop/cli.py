@@ -8,12 +8,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _click(text: str) -> tuple[float, float]:
+TIFF = (".tif", ".tiff")
+
+
+def _click(text: str) -> tuple[float, ...]:
     try:
-        row, col = (float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a click is ROW,COL in image pixels, got {text!r}") from None
-    return row, col
+        values = ()
+    if len(values) < 2:
+        raise argparse.ArgumentTypeError(
+            f"a click is ROW,COL in image pixels (Z,ROW,COL in a stack), got {text!r}"
+        ) from None
+    return values
+
+
+def _read_image(path: Path):
+    """A TIFF stack memory-mapped when it can be (only the slices and rows used are read), else read whole."""
+    import imageio.v3 as iio
+
+    if path.suffix.lower() in TIFF:
+        import tifffile
+
+        try:
+            return tifffile.memmap(path, mode="r")
+        except ValueError:  # compressed or tiled: not mappable
+            return tifffile.imread(path)
+    return iio.imread(path)
 
 
 def segment(args: argparse.Namespace) -> None:
@@ -21,18 +42,63 @@ def segment(args: argparse.Namespace) -> None:
     import numpy as np
 
     from .predictor import DeepCropPredictor
+    from .session import predict_object
+    from .volume import StopRules, contrast_around, segment_volume
 
     if not args.click:
         raise SystemExit("give at least one --click ROW,COL")
-    image = iio.imread(args.image)
+    image = _read_image(args.image)
+    colour = image.ndim >= 3 and image.shape[-1] in (3, 4)  # as napari reads it: a last axis of 3 or 4 is RGB(A)
+    spatial = image.shape[:-1] if colour else image.shape
+    clicks = args.click + args.negative
+    if any(len(c) != len(spatial) for c in clicks):
+        form = {2: "ROW,COL", 3: "Z,ROW,COL", 4: "T,Z,ROW,COL"}.get(len(spatial), "one index per axis")
+        raise ValueError(f"{args.image.name} has {len(spatial)} image axes {tuple(spatial)}: each click is {form}")
+    if len(spatial) == 2 and args.propagate:
+        raise ValueError(f"--propagate needs a stack (3D or time series); {args.image.name} is a 2D image")
+    plane = tuple(int(c) for c in clicks[0][:-2])
+    if any(tuple(int(v) for v in c[:-2]) != plane for c in clicks):
+        raise ValueError("the clicks of one object must all be on one slice")
+    if any(not 0 <= p < n for p, n in zip(plane, spatial, strict=False)):
+        raise ValueError(f"click slice {plane} is outside the stack of shape {tuple(spatial)}")
+    if plane and args.output.suffix.lower() not in TIFF:
+        raise ValueError(f"a stack's mask is written as TIFF (-o MASK.tif), not {args.output.suffix or 'no suffix'}")
     predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, args.device, snap_edges=not args.no_snap)
-    predictor.set_image(image)
-    points = np.array(args.click + args.negative, float)
-    labels = np.array([1] * len(args.click) + [0] * len(args.negative))
-    mask, score = predictor.predict(points, labels)
+    pixels = image[plane]
+    limits = contrast_around(pixels)
+    labelled = tuple((r, c, 1) for *_, r, c in args.click) + tuple((r, c, 0) for *_, r, c in args.negative)
+    seed = predict_object(predictor, pixels, labelled, contrast_limits=limits)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(args.output, (mask * 255).astype(np.uint8))
-    print(f"{args.output}: {int(mask.sum())} object pixels, predicted IoU {score:.3f} ({predictor.device})")
+    if len(spatial) == 2:
+        mask = seed.full()
+        iio.imwrite(args.output, (mask * 255).astype(np.uint8))
+        print(f"{args.output}: {int(mask.sum())} object pixels, predicted IoU {seed.score:.3f} ({predictor.device})")
+        return
+    axis = len(plane) - 1 if args.axis is None else args.axis
+    if args.propagate:
+        rules = StopRules(min_score=args.min_score, min_iou=args.min_iou)
+        volume = segment_volume(predictor, image, plane, seed, axis, limits, rules)
+        masks = {volume.plane_at(k): m for k, m in volume.masks.items()}
+    else:
+        masks = {plane: seed}
+    _write_stack_mask(args.output, tuple(spatial), masks)
+    span = sorted(p[axis] for p in masks)
+    print(
+        f"{args.output}: {sum(int(m.crop.sum()) for m in masks.values())} object voxels on {len(masks)} slice(s) "
+        f"{span[0]}..{span[-1]} of axis {axis} ({predictor.device})"
+    )
+
+
+def _write_stack_mask(path: Path, shape: tuple[int, ...], masks: dict) -> None:
+    """A uint8 (0/255) TIFF of the stack's shape written slice by slice into a memory map: memory of the object."""
+    import numpy as np
+    import tifffile
+
+    out = tifffile.memmap(path, shape=shape, dtype=np.uint8)
+    for plane, mask in masks.items():
+        out[(*plane, *mask.bbox)] = mask.crop.astype(np.uint8) * 255
+    out.flush()
+    del out
 
 
 def export(args: argparse.Namespace) -> None:
@@ -70,12 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment one object from clicks, headless")
     p.add_argument("image", type=Path)
     p.add_argument(
-        "--click", type=_click, action="append", default=[], metavar="ROW,COL", help="positive click"
+        "--click", type=_click, action="append", default=[], metavar="ROW,COL", help="positive click (Z,ROW,COL)"
     )
     p.add_argument(
         "--negative", type=_click, action="append", default=[], metavar="ROW,COL", help="negative click"
     )
-    p.add_argument("-o", "--output", type=Path, required=True, help="mask image to write (PNG)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="mask to write (PNG; a stack's: TIFF)")
+    p.add_argument(
+        "--propagate", action="store_true", help="a stack: from the clicked slice through the object's slices"
+    )
+    p.add_argument("--axis", type=int, help="stack axis to propagate along (default: the one before the image's)")
+    p.add_argument("--min-score", type=float, default=0.5, help="propagation stops below this predicted IoU")
+    p.add_argument(
+        "--min-iou", type=float, default=0.5, help="propagation stops when a slice overlaps the one before less"
+    )
     p.add_argument("--checkpoint", type=Path, help="default: the bundled model")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     p.add_argument("--no-snap", action="store_true", help="the network's mask as it is, not snapped to edges")
