@@ -76,5 +76,6 @@ def test_pretrained_deepcrop_starts_with_the_imagenet_trunk():
     assert first.weight.shape[1] == config.in_channels
     assert torch.equal(first.weight[:, :3], imagenet.stem[0].weight)
     assert torch.equal(model.trunk.blocks[5].depthwise[0].weight, imagenet.blocks[5].depthwise[0].weight)
-    assert not torch.equal(DeepCropV2(config).trunk.blocks[5].depthwise[0].weight, imagenet.blocks[5].depthwise[0].weight)
+    scratch = DeepCropV2(config)
+    assert not torch.equal(scratch.trunk.blocks[5].depthwise[0].weight, imagenet.blocks[5].depthwise[0].weight)
     assert model.trunk.channels == [16, 24, 40, 112]

@@ -7,7 +7,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-
 TIFF = (".tif", ".tiff")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -95,6 +96,19 @@ def _round_channels(channels: int, width: float) -> int:
     return rounded + 8 if rounded < 0.9 * scaled else rounded
 
 
+def stage_outputs(
+    stem: nn.Module, blocks: Sequence[nn.Module], ends: Iterable[int], x: torch.Tensor
+) -> list[torch.Tensor]:
+    """Run ``stem`` then ``blocks``, returning the output of each block whose index is in ``ends``."""
+    ends = set(ends)
+    out, x = [], stem(x)
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if i in ends:
+            out.append(x)
+    return out
+
+
 class EfficientNetLite(nn.Module):
     """The ImageNet classifier; :meth:`features` gives the last block's output at each stride (2, 4, 8, 16, 32)."""
 
@@ -125,13 +139,7 @@ class EfficientNetLite(nn.Module):
         return ends
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        ends = set(self.stride_ends().values())
-        out, x = [], self.stem(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in ends:
-                out.append(x)
-        return out
+        return stage_outputs(self.stem, self.blocks, self.stride_ends().values(), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(self.features(x)[-1])

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 
-from napari_deepcrop.efficientnet_lite import LITE_MEAN, LITE_SCALING, LITE_STD, EfficientNetLite, load_imagenet
+from napari_deepcrop.efficientnet_lite import (
+    LITE_MEAN,
+    LITE_SCALING,
+    LITE_STD,
+    EfficientNetLite,
+    load_imagenet,
+    stage_outputs,
+)
 
 RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50}
 TRUNKS = (*RESNETS, *LITE_SCALING)
@@ -139,12 +146,7 @@ class _LiteTrunk(nn.Module):
         return self.stem[0]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out, x = [], self.stem(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self.ends:
-                out.append(x)
-        return out
+        return stage_outputs(self.stem, self.blocks, self.ends, x)
 
 
 def _out_channels(layer: nn.Sequential) -> int:

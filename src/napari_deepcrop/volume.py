@@ -182,7 +182,10 @@ def contrast_around(image: Any, mask: PlacedMask | None = None, margin: float = 
             image[max(0, rows.start - grow) : rows.stop + grow, max(0, cols.start - grow) : cols.stop + grow]
         )
     source = ImageSource.from_array(region)
-    pairs = [(float(lo), float(hi) if math.isfinite(hi) else float(lo) + 1) for lo, hi in zip(source.low, source.high)]
+    pairs = [
+        (float(lo), float(hi) if math.isfinite(hi) else float(lo) + 1)
+        for lo, hi in zip(source.low, source.high, strict=True)
+    ]
     return pairs[0] if len(pairs) == 1 else pairs
 
 
