@@ -212,13 +212,14 @@ def test_sigterm_saves_a_resumable_checkpoint(coco, tmp_path):
 
 
 def test_the_recipe_config_is_two_stages_and_names_real_data(tmp_path):
-    """The bundled model's recipe: objects from scratch, then ladder crops from its last weights, one command."""
+    """The recipe: objects from the ImageNet Lite0 trunk, then ladder crops from its last weights, one command."""
     from pathlib import Path
 
     config = Path(train.__file__).parent / "configs" / "default.toml"
     objects, ladder = train.parse_stages(["--config", str(config), "--output-dir", str(tmp_path)])
-    assert (objects.epochs, objects.ladder_prob, objects.init) == (24, 0.0, None)
-    assert (ladder.epochs, ladder.ladder_prob, ladder.lr) == (10, 0.3, 5e-4)
+    assert (objects.epochs, objects.ladder_prob, objects.init, objects.lr) == (14, 0.0, None, 1e-3)
+    assert (ladder.epochs, ladder.ladder_prob, ladder.lr) == (5, 0.3, 3e-4)
+    assert all(a.trunk == "efficientnet_lite0" and a.pretrained == "imagenet" for a in (objects, ladder))
     assert ladder.init == tmp_path / "objects" / "checkpoint.pt" and ladder.output_dir == tmp_path / "ladder"
     assert all(a.head == "refine" and a.input_size == 128 and a.samples_per_epoch == 3000 for a in (objects, ladder))
     paths = [*objects.data_path, *objects.val_data_path]
