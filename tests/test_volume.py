@@ -206,3 +206,15 @@ def test_segment_propagate_bad_input_writes_nothing(tmp_path):
     with pytest.raises(SystemExit, match="as TIFF"):
         main(["segment", str(tmp_path / "stack.tif"), "--click", "1,32,32", "-o", str(tmp_path / "m.png")])
     assert not out.exists() and not (tmp_path / "m.png").exists()
+
+
+def test_a_correction_keeps_the_slices_beyond_a_slice_fixed_without_propagating(disk_predictor):
+    """Slice 14 fixed alone (its neighbours keep the seed's chain), then slice 12 corrected and re-propagated:
+    the walk from 12 stops at 14, so 15.. must stay as they were, not be dropped."""
+    stack, truth = blob_stack(20)
+    volume = segment_volume(disk_predictor, stack, (10,), click_seed(disk_predictor, stack, truth, 10))
+    correct_slice(disk_predictor, stack, volume, 14, ObjectMask.from_full(truth[14]), propagate=False)
+    before = dict(volume.masks)
+    assert correct_slice(disk_predictor, stack, volume, 12, ObjectMask.from_full(truth[12])) == {12, 13}
+    assert volume.slices == list(range(20))
+    assert all(volume.masks[k] is before[k] for k in (*range(12), *range(14, 20)))

@@ -122,15 +122,20 @@ class VolumeObject:
         when ``outward``.
 
         The seed (a slice without a source) walks both ways; a correction only away from its source, so the
-        slices between it and its source stay as they are.
+        slices between it and its source stay as they are. Only the masks up to the next fixed slice are dropped:
+        the walk stops there, so masks beyond it (of k's chain, when it was fixed without propagating) would be
+        lost rather than predicted again.
         """
         if not 0 <= k < self.length:
             raise ValueError(f"slice {k} is outside the stack's {self.length} slices")
         source = self.sources.get(k)
         directions = (1, -1) if source is None or source == k else ((1,) if k > source else (-1,))
         if source is not None and outward:
-            for j in [j for j, s in self.sources.items() if s == source and any((j - k) * d > 0 for d in directions)]:
-                del self.masks[j], self.sources[j]
+            fixed = self.fixed
+            for d in directions:
+                barrier = min(((j - k) * d for j in fixed if (j - k) * d > 0), default=self.length)
+                for j in [j for j, s in self.sources.items() if s == source and 0 < (j - k) * d < barrier]:
+                    del self.masks[j], self.sources[j]
         self.masks[k], self.sources[k] = mask, k
         return directions
 
