@@ -30,7 +30,13 @@ from napari_deepcrop.training.evaluate import (
 DEFAULT_DATASET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "GrabCut"
 BASELINES = {"magic_wand": MagicWand, "grabcut": GrabCutClicks, "random_walker": RandomWalkerClicks}
 # deepcrop: the predictor as the widget runs it (mask snapped to edges); deepcrop_no_snap: the network's own mask
-DEEPCROP = {"deepcrop": {"snap_edges": True}, "deepcrop_no_snap": {"snap_edges": False}}
+DEEPCROP = {
+    "deepcrop": {"snap_edges": True},
+    "deepcrop_no_snap": {"snap_edges": False},
+    # the first click without its zoom-in pass (DeepCropPredictor(zoom_in=False)): what that pass is worth
+    "deepcrop_no_zoom": {"snap_edges": True, "zoom_in": False},
+    "deepcrop_no_snap_no_zoom": {"snap_edges": False, "zoom_in": False},
+}
 METHODS = (*DEEPCROP, *BASELINES)
 
 

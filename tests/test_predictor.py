@@ -197,3 +197,35 @@ def test_first_click_scales_run_from_the_smallest_crop_to_the_whole_image(shape,
     from napari_deepcrop.predictor import first_click_sides
 
     assert first_click_sides(shape, max_side) == expected
+
+
+@pytest.mark.slow
+def test_first_click_zoom_in_refines_the_chosen_scales_mask_on_the_refinement_crop(disk_model):
+    """zoom_in: the first click runs once more, on one crop around the chosen scale's mask, that mask as
+    prev_mask; the mask and score returned are that second pass's. zoom_in=False gives the first pass alone."""
+    from napari_deepcrop.crops import PlacedMask
+
+    image, truth = disk_image(512, (260, 240), 45, seed=21)
+    click, label = np.array([[260, 240]]), np.array([1])
+    plain = DeepCropPredictor(disk_model, device="cpu", snap_edges=False, zoom_in=False)
+    plain.set_image(image)
+    first, _ = plain.predict(click, label)
+    zoomed = DeepCropPredictor(disk_model, device="cpu", snap_edges=False)
+    zoomed.set_image(image)
+    calls = []
+    run = zoomed._run
+
+    def spy(source, crops, points, labels, prev_mask):
+        calls.append((list(crops), prev_mask))
+        return run(source, crops, points, labels, prev_mask)
+
+    zoomed._run = spy
+    mask, score = zoomed.predict(click, label)
+    assert len(calls) == 2 and calls[0][1] is None and len(calls[1][0]) == 1
+    assert isinstance(calls[1][1], PlacedMask) and np.array_equal(calls[1][1].full(), first)
+    side = calls[1][0][0].side  # the refinement crop: the mask's box fills 0.6 of it
+    extent = max(np.ptp(np.nonzero(first)[0]), np.ptp(np.nonzero(first)[1])) + 1
+    assert side == pytest.approx(extent / 0.6, rel=0.05)
+    second = run(zoomed._source, calls[1][0], click, label, calls[1][1])
+    assert score == pytest.approx(float(second[1][0]))
+    assert iou(mask, truth) > 0.8
