@@ -99,3 +99,32 @@ def test_load_predictor_falls_back_to_cpu_without_cuda():
     predictor, warning = load_predictor(None, "cuda")
     if predictor.device.type == "cpu":  # on a machine without a GPU
         assert "CPU" in warning
+
+
+def test_a_propagated_objects_writes_follow_its_masks_and_keep_other_objects():
+    """From old masks to new ones: pixels the object leaves are cleared (its own only), new ones written
+    without taking other objects' pixels; a click corrects a slice only near the object's mask there."""
+    from napari_deepcrop.session import PropagatedObject
+    from napari_deepcrop.volume import VolumeObject
+
+    labels = np.zeros((3, 10, 10), np.int32)
+    labels[1, 4:6, 6:8] = 9  # another object
+    old, new = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
+    old[2:5, 2:5] = True
+    new[3:6, 3:8] = True
+    volume = VolumeObject((1,), 0, 3, masks={1: ObjectMask.from_full(new)}, sources={1: 1})
+    propagated = PropagatedObject(4, volume)
+    labels[1][old] = 4
+    for indices, value in propagated.writes(labels, {1: ObjectMask.from_full(old)}, {1}):
+        labels[indices] = value
+    np.testing.assert_array_equal(labels[1] == 4, new & ~(labels[1] == 9))
+    assert (labels[1] == 9).sum() == 4 and not labels[[0, 2]].any()
+    for indices, value in propagated.writes(labels, {1: volume.masks[1]}, {1}, overwrite=True):
+        labels[indices] = value
+    np.testing.assert_array_equal(labels[1] == 4, new)
+    assert propagated.slice_at(labels, (1,), (4, 5)) == 1
+    assert propagated.slice_at(labels, (1,), (8, 9)) == 1  # within half the mask's side (5) of its box 3:6, 3:8
+    assert propagated.slice_at(labels, (1,), (9, 9)) is None  # beyond it
+    assert propagated.slice_at(labels, (0,), (4, 5)) is None  # no mask of it there
+    labels[1][new] = 0  # undone: not a correction any more
+    assert propagated.slice_at(labels, (1,), (4, 5)) is None

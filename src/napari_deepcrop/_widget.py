@@ -9,12 +9,19 @@ A dataset navigator (:mod:`.dataset`) shows a folder of images or a COCO file on
 keeping each image's labels as the user steps on. Export to COCO and fine-tuning (:mod:`.finetune`) run on a
 worker thread, one at a time, with napari progress and a cancel button; they never open a dialog themselves
 (``export_coco(folder)``, ``fine_tune(folder)``): the buttons ask for the folder first.
+
+In a stack, Propagate (P) takes the current object (the preview, else the object last committed on the slice
+shown) through the slices along the last-used slider's axis (:mod:`.volume`), as one such task, and writes it
+under one label id in one undo step. A click on a slice of the object propagated last corrects that slice:
+Enter keeps the correction alone, P re-propagates outwards from it (slices corrected before stay).
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,17 +45,19 @@ from .checkpoint import default_checkpoint_path
 from .coco import ANNOTATIONS_JSON
 from .dataset import AnnotationDataset, image_source
 from .finetune import FinetuneResult, finetune
-from .predictor import ChannelStack, DeepCropPredictor
+from .predictor import DeepCropPredictor
 from .session import (
     AnnotationSession,
     Click,
     ObjectMask,
+    PropagatedObject,
     commit_indices,
     has_contrast,
     load_predictor,
     next_label_id,
     predict_object,
 )
+from .volume import VolumeObject, correct_slice, deepest_point, read_slice, segment_volume
 
 if TYPE_CHECKING:
     import napari
@@ -71,6 +80,8 @@ SHORTCUTS = """<b>Shortcuts</b> (click tool on, clicks layer selected)<br>
 Click: positive click (add to the object)<br>
 Shift+click or right click: negative click (remove)<br>
 Enter: commit the object &nbsp; Escape: discard it<br>
+P: propagate the object through the stack; on a slice of a propagated object, clicks correct it and P
+re-propagates beyond it<br>
 Ctrl+Z: remove the last click, or undo the last commit; Ctrl+Shift+Z: redo it<br>
 S, select clicks, Delete: remove them; Z: back to clicking"""
 
@@ -82,7 +93,7 @@ class _Job:
     generation: int
     object_id: int
     clicks: tuple[Click, ...]
-    image: Any  # the 2D slice, (H, W) or (H, W, C), or a ChannelStack of the slices of several layers
+    image: Any  # the 2D slice, (H, W) or (H, W, C), or a ChannelStack (volume.read_slice) of several layers
     contrast_limits: Any  # (low, high), or one pair per channel of a ChannelStack
     prev: ObjectMask | None
     predictor: DeepCropPredictor | None  # None: load from checkpoint/device first
@@ -90,6 +101,7 @@ class _Job:
     device: str
     settings: int
     snap_edges: bool
+    base_clicks: tuple[Click, ...] = ()  # a correction's: the click that propagation gave this slice
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,7 @@ def _run(job: _Job) -> _Result:
         predictor.snap_edges = job.snap_edges
         if not has_contrast(job.image):  # napari's contrast limits of such an image are not degenerate
             raise ValueError("the image has no contrast to segment: it is empty, constant, or all NaN")
-        mask = predict_object(predictor, job.image, job.clicks, job.prev, job.contrast_limits)
+        mask = predict_object(predictor, job.image, job.base_clicks + job.clicks, job.prev, job.contrast_limits)
         return _Result(job, predictor, mask=mask, warning=warning)
     except Exception as exc:  # shown as a notification on the UI thread
         return _Result(job, predictor, error=f"DeepCrop: {_reason(exc)}", warning=warning)
@@ -162,6 +174,55 @@ def _fine_tune(
     )
 
 
+@dataclass(frozen=True)
+class _Propagation:
+    """What a propagation (or a correction's re-propagation) computes on the worker, copied on the UI thread."""
+
+    predictor: DeepCropPredictor | None  # None: load from checkpoint/device first
+    checkpoint: Path | None
+    device: str
+    snap_edges: bool
+    stack: Any  # the image's array, or a list of the chosen channels' arrays
+    contrast_limits: Any
+    plane: tuple[int, ...]  # the seed slice's leading indices
+    axis: int
+    seed: ObjectMask  # the seed slice's mask, or the corrected slice's
+    volume: VolumeObject | None = None  # a correction: the object before it (copied, never changed)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """Where a propagation's result goes, decided on the UI thread when it starts."""
+
+    image: Image
+    target: Labels | None  # None: a new Labels layer, made when the result arrives
+    label: int | None  # None: a new object, under the next free label id
+    before: dict[int, ObjectMask]  # the object's masks as written before (a correction), else {}
+    object_id: int  # the session's object: its preview is discarded once written
+    category: str
+
+
+def _propagate(job: _Propagation, report: Report) -> tuple[VolumeObject, set[int]]:
+    """The object through the stack (or a correction re-propagated): its volume and the slices that changed."""
+    predictor = job.predictor or load_predictor(job.checkpoint, job.device)[0]
+    predictor = copy.copy(predictor)  # clicks on other objects use the widget's predictor meanwhile
+    predictor.snap_edges = job.snap_edges
+    segmented = itertools.count(1)
+
+    def on_slice(k: int, mask: ObjectMask | None) -> None:  # from either direction's thread
+        report("Propagating", next(segmented))
+
+    if job.volume is None:
+        volume = segment_volume(
+            predictor, job.stack, job.plane, job.seed, job.axis, job.contrast_limits, on_slice=on_slice
+        )
+        return volume, set(volume.masks)
+    volume = job.volume.copy()
+    k = job.plane[job.axis]
+    changed = correct_slice(predictor, job.stack, volume, k, job.seed, job.contrast_limits, on_slice=on_slice)
+    return volume, changed
+
+
 def _image_array(image: Image) -> Any:
     return image.data[0] if image.multiscale else image.data
 
@@ -196,6 +257,8 @@ class DeepCropWidget(Container):
         self._progress: cancelable_progress | None = None
         self._cancel_requested = threading.Event()
         self._folder: Path | None = None  # where dialogs start: the last export, or the open dataset
+        self._committed: tuple[Labels, int, tuple[int, ...], ObjectMask] | None = None  # the last commit's
+        self._propagated: tuple[Image, Labels, PropagatedObject] | None = None  # the last propagation's
 
         self._image = ComboBox(label="Image", choices=self._image_choices)
         # multichannel images (napari's channel_axis gives one layer per channel): up to two more channels
@@ -221,6 +284,12 @@ class DeepCropWidget(Container):
         )
         commit = PushButton(text="Commit (Enter)")
         discard = PushButton(text="Discard (Escape)")
+        propagate = PushButton(text="Propagate (P)")
+        propagate.tooltip = (
+            "A stack: segment the current object on the slices before and after this one, along the last slider "
+            "moved, until it ends; one label id, one undo step. On a slice of a propagated object, clicks "
+            "correct it and Propagate re-propagates beyond it."
+        )
         open_dataset = PushButton(text="Open folder / COCO…")
         menu = QMenu(open_dataset.native)
         menu.addAction("Folder of images…", self._open_folder_dialog)
@@ -234,7 +303,7 @@ class DeepCropWidget(Container):
         self._task_note = Label(label="Jobs", value="none yet")
         # Whole-layer actions (export, training) add their buttons to this row.
         self.actions = Container(widgets=[export, tune, self._cancel], layout="horizontal", labels=False)
-        buttons = Container(widgets=[commit, discard], layout="horizontal", labels=False)
+        buttons = Container(widgets=[commit, discard, propagate], layout="horizontal", labels=False)
         navigator = Container(widgets=[open_dataset, previous, next_], layout="horizontal", labels=False)
         self.extend([
             self._image, self._channels, self._target, self._category, self._checkpoint, self._device,
@@ -250,6 +319,7 @@ class DeepCropWidget(Container):
         self._tool.changed.connect(self._on_tool_changed)
         commit.clicked.connect(self.commit)
         discard.clicked.connect(self.discard)
+        propagate.clicked.connect(self.propagate)
         previous.clicked.connect(self.previous_image)
         next_.clicked.connect(self.next_image)
         export.clicked.connect(self._export_clicked)
@@ -264,7 +334,8 @@ class DeepCropWidget(Container):
 
     # ----- the user's actions -----------------------------------------------------------------------------
     def commit(self) -> None:
-        """Write the current object into the target Labels layer under the next free label id."""
+        """Write the current object into the target Labels layer under the next free label id (a correction of a
+        propagated object's slice: that slice, under the object's id)."""
         mask, image = self.session.mask, self._require_image()
         if image is None:
             return
@@ -272,6 +343,9 @@ class DeepCropWidget(Container):
             show_info("DeepCrop: nothing to commit yet: click on an object first")
             return
         if not self._check_target(image):
+            return
+        if self.session.corrects is not None:
+            self._commit_correction()
             return
         target = self._target.value or self._create_target(image)
         try:
@@ -285,7 +359,35 @@ class DeepCropWidget(Container):
             return
         target.data_setitem(indices, label)
         _set_category(target, label, self._category_name())
+        self._committed = (target, label, self.session.plane, mask)
         self.discard()
+
+    def propagate(self) -> bool:
+        """Propagate the current object through the stack on a worker thread (napari progress, cancellable), or
+        re-propagate a corrected slice of the last propagated object. The result is written when it arrives,
+        in one undo step; cancelled, nothing is. False when nothing was started."""
+        image = self._require_image()
+        if image is None or not self._check_target(image):
+            return False
+        spatial = _spatial_shape(image)
+        if len(spatial) < 3:
+            show_warning(
+                f"DeepCrop: Propagate needs a stack (a 3D volume or a time series); '{image.name}' is a 2D image"
+            )
+            return False
+        if self.busy or self._wanted:
+            show_info("DeepCrop: the object is still being segmented: propagate once its mask shows")
+            return False
+        if self.session.corrects is not None:
+            return self._repropagate(image)
+        seed = self._seed(image)
+        if seed is None:
+            return False
+        mask, plane, label = seed
+        axis = self._propagation_axis(image)
+        job = self._propagation(image, plane, axis, mask)
+        written = _Written(image, self._target.value, label, {}, self.session.object_id, self._category_name())
+        return self._start_propagation(job, written, spatial[axis] - 1)
 
     def discard(self) -> None:
         """Forget the current object: its clicks and its preview."""
@@ -312,6 +414,132 @@ class DeepCropWidget(Container):
     def busy(self) -> bool:
         """A prediction is running."""
         return self._worker is not None
+
+    # ----- stacks: propagation and corrections ---------------------------------------------------------------
+    def _seed(self, image: Image) -> tuple[ObjectMask, tuple[int, ...], int | None] | None:
+        """The object to propagate: the preview's mask, else the object last committed, if on the slice shown
+        (as its pixels in the Labels layer now are). With its slice and its label (None: not written yet)."""
+        mask = self.session.mask
+        if mask is not None and mask.any():
+            return mask, self.session.plane, None
+        shown = tuple(int(v) for v in np.round(image.world_to_data(self._viewer.dims.point))[:-2])
+        if self._committed is not None:
+            target, label, plane, committed = self._committed
+            if target is self._target.value and target in self._viewer.layers and plane == shown:
+                crop = np.asarray(target.data[(*plane, *committed.bbox)]) == label
+                if crop.any():
+                    return ObjectMask(crop, committed.origin, committed.shape, committed.score), plane, label
+        show_info("DeepCrop: nothing to propagate on this slice: click an object on it (or commit one) first")
+        return None
+
+    def _propagation_axis(self, image: Image) -> int:
+        """The image axis of the slider moved last, when it is one of the image's stack axes; else the one
+        before the image's plane (z of (t, z, y, x))."""
+        leading = len(_spatial_shape(image)) - 2
+        axis = self._viewer.dims.last_used - (self._viewer.dims.ndim - image.ndim)
+        return axis if 0 <= axis < leading else leading - 1
+
+    def _propagation(self, image: Image, plane, axis: int, seed: ObjectMask, volume=None) -> _Propagation:
+        stack, contrast_limits = self._stack(image)
+        return _Propagation(
+            self.predictor, self._checkpoint_path(), self._device.value, self._snap.value, stack,
+            contrast_limits, tuple(plane), axis, seed, volume,
+        )  # fmt: skip
+
+    def _start_propagation(self, job: _Propagation, written: _Written, slices: int) -> bool:
+        return self._start_task(
+            "Propagating", max(1, slices), partial(_propagate, job), partial(self._on_propagated, written),
+            cancelled="propagation cancelled: nothing was written",
+        )  # fmt: skip
+
+    def _live_propagation(self) -> tuple[Image, Labels, PropagatedObject] | None:
+        """The last propagated object, if its image and Labels layer are still the widget's."""
+        if self._propagated is None:
+            return None
+        image, target, propagated = self._propagated
+        layers = self._viewer.layers
+        if image is self._image.value and target is self._target.value and image in layers and target in layers:
+            return self._propagated
+        return None
+
+    def _start_correction(self, point: np.ndarray) -> None:
+        """A new object's first click: on a slice of the last propagated object, the clicks correct that slice."""
+        live = self._live_propagation()
+        if live is None:
+            return
+        _, target, propagated = live
+        k = propagated.slice_at(target.data, tuple(int(v) for v in point[:-2]), tuple(int(v) for v in point[-2:]))
+        if k is not None:
+            base = propagated.volume.masks[k]
+            self.session.correct(k, base, deepest_point(base))
+            self._task_note.value = (
+                f"correcting slice {k} of label {propagated.label}: Enter keeps it, P re-propagates beyond it"
+            )
+
+    def _commit_correction(self) -> None:
+        """Enter on a corrected slice: that slice's mask replaced, nothing re-propagated."""
+        live = self._live_propagation()
+        if live is None:
+            show_warning("DeepCrop: the propagated object's image or Labels layer changed: nothing written")
+            return
+        _, target, propagated = live
+        volume, k = propagated.volume.copy(), self.session.corrects
+        changed = correct_slice(None, None, volume, k, self.session.mask, propagate=False)
+        corrected = PropagatedObject(propagated.label, volume)
+        self._write_object(target, corrected, propagated.volume.masks, changed)
+        self._propagated = (live[0], target, corrected)
+        self._task_note.value = f"slice {k} of label {propagated.label} corrected"
+        self.discard()
+
+    def _repropagate(self, image: Image) -> bool:
+        live = self._live_propagation()
+        mask = self.session.mask
+        if live is None or mask is None or not mask.any():
+            show_info("DeepCrop: nothing to re-propagate: the correction has no mask, or its layers changed")
+            return False
+        _, target, propagated = live
+        volume = propagated.volume
+        job = self._propagation(image, volume.plane_at(self.session.corrects), volume.axis, mask, volume)
+        written = _Written(image, target, propagated.label, dict(volume.masks), self.session.object_id, "")
+        return self._start_propagation(job, written, volume.length - 1)
+
+    def _on_propagated(self, written: _Written, result: tuple[VolumeObject, set[int]]) -> None:
+        """Write the propagated object (or its correction) into the Labels layer, in one undo step."""
+        volume, changed = result
+        image, target, layers = written.image, written.target, self._viewer.layers
+        if image not in layers or (target is not None and target not in layers):
+            show_error("DeepCrop: the image or Labels layer was removed while propagating: nothing written")
+            return
+        if target is None:
+            target = self._create_target(image)
+        elif tuple(target.data.shape) != _spatial_shape(image):
+            show_error(f"DeepCrop: Labels layer '{target.name}' no longer has the image's shape: nothing written")
+            return
+        try:
+            label = written.label or next_label_id(target.data)
+        except ValueError as exc:
+            show_error(f"DeepCrop: {exc}")
+            return
+        propagated = PropagatedObject(label, volume)
+        self._write_object(target, propagated, written.before, changed)
+        if written.label is None:
+            _set_category(target, label, written.category)
+        self._propagated = (image, target, propagated)
+        if self.session.object_id == written.object_id:
+            self.discard()
+        span = volume.slices
+        stops = "; ".join(f"{'after' if d > 0 else 'before'}: {why}" for d, why in sorted(volume.stops.items()))
+        self._task_note.value = f"label {label} on slices {span[0]}..{span[-1]} of axis {volume.axis} ({stops})"
+        show_info(f"DeepCrop: {self._task_note.value}")
+
+    def _write_object(
+        self, target: Labels, propagated: PropagatedObject, before: dict[int, ObjectMask], changed: Iterable[int]
+    ) -> None:
+        """The changed slices written with data_setitem, within each mask's box, as one undo step."""
+        with target.block_history():
+            for indices, value in propagated.writes(target.data, before, changed, self._overwrite.value):
+                target.data_setitem(indices, value, refresh=False)
+        target.refresh()
 
     # ----- clicks ------------------------------------------------------------------------------------------
     def _click_at_world(self, position, positive: bool = True) -> bool:
@@ -353,12 +581,15 @@ class DeepCropWidget(Container):
         self._wanted = False
         points = np.round(layer.data).astype(int)
         positive = layer.features["positive"].to_numpy(bool)
+        new_object = not self.session.clicks
         self.session.plane = tuple(points[0, :-2].tolist())
         pixels = points[:, -2:].tolist()
         self.session.clicks = tuple((r, c, int(p)) for (r, c), p in zip(pixels, positive, strict=True))
+        if new_object:
+            self._start_correction(points[0])
         if (points[:, :-2] != points[0, :-2]).any():
             show_warning("DeepCrop: the clicks of one object must all be on one slice")
-        elif not positive.any():
+        elif not positive.any() and self.session.corrects is None:
             show_warning("DeepCrop: an object needs at least one positive click")
         else:
             self._wanted = True
@@ -384,16 +615,21 @@ class DeepCropWidget(Container):
             device=self._device.value,
             settings=self._settings,
             snap_edges=self._snap.value,
+            base_clicks=self.session.base_clicks,
         )
         self._worker = create_worker(_run, job, _connect={"returned": self._on_result})
 
     def _job_image(self, image: Image) -> tuple[Any, Any]:
         """The slice the clicks are on, of the image and of the extra channels chosen, with contrast limits."""
+        stack, contrast_limits = self._stack(image)
+        return read_slice(stack, self.session.plane), contrast_limits
+
+    def _stack(self, image: Image) -> tuple[Any, Any]:
+        """The image's array, or a list of the arrays of it and the extra channels chosen; contrast limits."""
         layers = [image, *(la for la in self._channels.value if la is not image and la in self._viewer.layers)]
         if len(layers) == 1:
-            return _image_array(image)[self.session.plane], tuple(image.contrast_limits)
-        stack = ChannelStack([_image_array(layer)[self.session.plane] for layer in layers])
-        return stack, [tuple(layer.contrast_limits) for layer in layers]
+            return _image_array(image), tuple(image.contrast_limits)
+        return [_image_array(layer) for layer in layers], [tuple(layer.contrast_limits) for layer in layers]
 
     def _on_result(self, result: _Result) -> None:
         self._worker = None
@@ -452,6 +688,7 @@ class DeepCropWidget(Container):
         # layer keymaps take precedence over the viewer's, and work while the canvas has the focus
         layer.bind_key(KeyCode.Enter, lambda _: self.commit(), overwrite=True)
         layer.bind_key(KeyCode.Escape, lambda _: self.discard(), overwrite=True)
+        layer.bind_key(KeyCode.KeyP, lambda _: self.propagate(), overwrite=True)
         layer.bind_key(KeyMod.CtrlCmd | KeyCode.KeyZ, lambda _: self.undo(), overwrite=True)
         layer.bind_key(KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ, lambda _: self.redo(), overwrite=True)
 
@@ -634,14 +871,14 @@ class DeepCropWidget(Container):
         return self._start_task("Fine-tune", steps, work, partial(self._on_fine_tuned, init))
 
     def cancel_task(self) -> None:
-        """Stop the running export or fine-tune at its next step; nothing of it is kept."""
+        """Stop the running export, fine-tune or propagation at its next step; nothing of it is kept."""
         if self._task is not None:
             self._cancel_requested.set()
             self._task_note.value = "cancelling at the next step…"
 
     @property
     def task_running(self) -> bool:
-        """An export or fine-tune is running."""
+        """An export, fine-tune or propagation is running."""
         return self._task is not None
 
     def _on_fine_tuned(self, init: Path | None, result: FinetuneResult) -> None:
@@ -692,9 +929,12 @@ class DeepCropWidget(Container):
                 return None
         return bool(overwrite)
 
-    def _start_task(self, title: str, total: int, work: Callable[[Report], Any], done: Callable) -> bool:
+    def _start_task(
+        self, title: str, total: int, work: Callable[[Report], Any], done: Callable,
+        cancelled: str = "cancelled; the model in use is unchanged",
+    ) -> bool:  # fmt: skip
         if self._task is not None:
-            show_warning("DeepCrop: an export or fine-tune is running: wait for it, or cancel it")
+            show_warning("DeepCrop: a task (export, fine-tune or propagation) is running: wait for it, or cancel it")
             return False
         self._cancel_requested.clear()
         bar = cancelable_progress(total=total, desc=title)
@@ -707,7 +947,8 @@ class DeepCropWidget(Container):
                 raise _Cancelled
             self._show_progress(bar, description, value)
 
-        self._task = create_worker(_run_task, work, report, _connect={"returned": partial(self._task_done, done)})
+        finished = partial(self._task_done, done, cancelled)
+        self._task = create_worker(_run_task, work, report, _connect={"returned": finished})
         return True
 
     @ensure_main_thread
@@ -718,13 +959,13 @@ class DeepCropWidget(Container):
             total = f" {value} / {bar.total}" if description.endswith("training") else ""
             self._task_note.value = f"{description}{total}"
 
-    def _task_done(self, done: Callable, outcome: _Outcome) -> None:
+    def _task_done(self, done: Callable, cancelled: str, outcome: _Outcome) -> None:
         self._task, bar, self._progress = None, self._progress, None
         bar.close()
         self._cancel.enabled = False
         if outcome.cancelled:
             self._task_note.value = "cancelled: nothing kept"
-            show_info("DeepCrop: cancelled; the model in use is unchanged")
+            show_info(f"DeepCrop: {cancelled}")
         elif outcome.error:
             self._task_note.value = "failed (see the notification)"
             show_error(outcome.error)

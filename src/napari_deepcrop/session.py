@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .crops import PlacedMask
 from .predictor import ChannelStack, DeepCropPredictor
 
+if TYPE_CHECKING:
+    from .volume import VolumeObject
+
 # One click: (row, col, label) in pixels of the 2D slice, label 1 = positive, 0 = negative.
 Click = tuple[int, int, int]
+# a click corrects a propagated object's slice when it lands within the slice's mask box grown by this (x its side)
+CORRECTION_MARGIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -92,18 +99,84 @@ def next_label_id(labels: np.ndarray) -> int:
 
 
 def commit_indices(
-    labels: np.ndarray, mask: ObjectMask, plane: tuple[int, ...] = (), overwrite: bool = False
+    labels: np.ndarray,
+    mask: PlacedMask,
+    plane: tuple[int, ...] = (),
+    overwrite: bool = False,
+    label: int | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Indices into ``labels`` of the mask's pixels in slice ``plane`` (leading indices of a stack).
 
-    Only the mask's bounding box is read. Without ``overwrite``, pixels of other objects are left out.
+    Only the mask's bounding box is read. Without ``overwrite``, pixels of other objects are left out (pixels
+    that already hold ``label`` are this object's, not another's).
     """
     rows, cols = mask.bbox
     keep = mask.crop
     if not overwrite:
-        keep = keep & (np.asarray(labels[(*plane, rows, cols)]) == 0)
-    r, c = np.nonzero(keep)
-    return (*(np.full(r.size, p) for p in plane), r + rows.start, c + cols.start)
+        held = np.asarray(labels[(*plane, rows, cols)])
+        keep = keep & ((held == 0) | (held == label) if label is not None else held == 0)
+    return _indices(keep, mask.origin, plane)
+
+
+def release_indices(
+    labels: np.ndarray, mask: PlacedMask, plane: tuple[int, ...], label: int, keep: PlacedMask | None = None
+) -> tuple[np.ndarray, ...]:
+    """Indices of the pixels in ``mask``'s bounding box on slice ``plane`` that hold ``label`` and are not in
+    ``keep``: what to clear when the object's mask there changes from ``mask`` to ``keep``."""
+    rows, cols = mask.bbox
+    free = np.asarray(labels[(*plane, rows, cols)]) == label
+    if keep is not None:
+        free &= ~keep[rows, cols]
+    return _indices(free, mask.origin, plane)
+
+
+def _indices(pixels: np.ndarray, origin: tuple[int, int], plane: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    r, c = np.nonzero(pixels)
+    return (*(np.full(r.size, p) for p in plane), r + origin[0], c + origin[1])
+
+
+@dataclass
+class PropagatedObject:
+    """An object propagated through a stack (:mod:`.volume`) and written under ``label`` into a label stack.
+
+    A click on one of its slices corrects that slice (:meth:`slice_at`): the clicks refine the slice's mask, and
+    the result replaces it, alone or re-propagated outwards (:func:`.volume.correct_slice`). :meth:`writes`
+    turns a change of masks into what to write, so that the label stack follows the object.
+    """
+
+    label: int
+    volume: VolumeObject
+
+    def slice_at(self, labels: np.ndarray, plane: tuple[int, ...], point: tuple[int, int]) -> int | None:
+        """The index along the axis of the slice that a click at ``point`` (row, col) on slice ``plane`` corrects,
+        or None: the slice holds a mask of this object, still in ``labels`` (not undone), and the click lands
+        within the mask's bounding box grown by :data:`CORRECTION_MARGIN` of its side."""
+        k = self.volume.index_of(plane)
+        mask = None if k is None else self.volume.masks.get(k)
+        if mask is None:
+            return None
+        (rows, cols), (h, w) = mask.bbox, mask.crop.shape
+        grow = int(np.ceil(CORRECTION_MARGIN * max(h, w)))
+        near = all(box.start - grow <= p < box.stop + grow for p, box in zip(point, (rows, cols), strict=True))
+        if not near or not (np.asarray(labels[(*plane, rows, cols)]) == self.label).any():
+            return None
+        return k
+
+    def writes(
+        self, labels: np.ndarray, before: dict[int, ObjectMask], changed: Iterable[int], overwrite: bool = False
+    ) -> Iterator[tuple[tuple[np.ndarray, ...], int]]:
+        """(indices, value) to write, slice by slice, for the slices ``changed`` from the masks ``before``
+        (the object's masks when last written, {} for a new object) to the volume's: the old mask's pixels
+        cleared where the new one has none, then the new mask written (other objects kept unless ``overwrite``).
+
+        A generator: each slice is read after the slices before it were written.
+        """
+        for k in sorted(changed):
+            plane, old, new = self.volume.plane_at(k), before.get(k), self.volume.masks.get(k)
+            if old is not None:
+                yield release_indices(labels, old, plane, self.label, keep=new), 0
+            if new is not None:
+                yield commit_indices(labels, new, plane, overwrite, self.label), self.label
 
 
 class AnnotationSession:
@@ -125,12 +198,25 @@ class AnnotationSession:
         self.clicks: tuple[Click, ...] = ()
         self.mask: ObjectMask | None = None
         self._masks: dict[tuple[Click, ...], ObjectMask] = {}
+        self.corrects: int | None = None  # the slice (along its axis) of a propagated object the clicks correct
+        self._base: ObjectMask | None = None
+        self.base_clicks: tuple[Click, ...] = ()
+
+    def correct(self, k: int, base: ObjectMask, click: tuple[int, int]) -> None:
+        """The clicks correct slice ``k`` of a propagated object, whose mask there is ``base``.
+
+        The network refines ``base`` from the click propagation gave it (``click``, the positive one at base's
+        deepest point) and the user's clicks after it: a correction is one more click in the sequence that
+        made the mask, as in the interactive protocol, and a negative click alone is a valid correction. The
+        network is given ``base_clicks`` before the user's clicks.
+        """
+        self.corrects, self._base, self.base_clicks = k, base, ((int(click[0]), int(click[1]), 1),)
 
     def prev_mask(self, clicks: tuple[Click, ...]) -> ObjectMask | None:
         for n in range(len(clicks) - 1, 0, -1):
             if clicks[:n] in self._masks:
                 return self._masks[clicks[:n]]
-        return None
+        return self._base
 
     def forget_masks(self) -> None:
         """Keep the clicks, drop the masks they gave (the image's channels changed): predict from scratch."""
