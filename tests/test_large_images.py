@@ -38,7 +38,9 @@ def constant_predictor():
         model.mask_head.out.bias.fill_(4.0)
         model.score_head.fc[-1].weight.zero_()
         model.score_head.fc[-1].bias.zero_()
-    return DeepCropPredictor(model, device="cpu", snap_edges=False)  # the crops as the network gave them
+    # the crops as the network gave them: no snapping, and the chosen scale's crop itself (no zoom-in pass, whose
+    # crop an all-foreground mask would grow)
+    return DeepCropPredictor(model, device="cpu", snap_edges=False, zoom_in=False)
 
 
 def lazy_image(size: int = 10_000) -> tuple[da.Array, list[tuple[int, int]]]:
@@ -198,3 +200,14 @@ def test_image_kinds_give_masks_of_the_right_shape(predictor, make_image):
     crop, (row0, col0), _ = predictor.predict(clicks, labels, return_crop=True)
     assert crop.dtype == bool and row0 + crop.shape[0] <= 300 and col0 + crop.shape[1] <= 420
     assert np.array_equal(mask[row0 : row0 + crop.shape[0], col0 : col0 + crop.shape[1]], crop)
+
+
+def test_the_first_click_zoom_in_reads_only_the_objects_neighbourhood(constant_predictor):
+    """The zoom-in pass cuts one more crop around the first mask (64-67 px: a crop of about 110 px) and passes
+    that mask as a PlacedMask: nothing of image size, and the mask it returns is that pass's."""
+    zooming = DeepCropPredictor(constant_predictor.model, device="cpu", snap_edges=False)
+    assert zooming.zoom_in
+    large = np.zeros((8000, 8000, 3), np.uint8)
+    assert peak_numpy_bytes(zooming, large, (4000, 5000)) < 50e6
+    crop, (row0, col0), _ = zooming.predict(np.array([[4000, 5000]]), np.array([1]), return_crop=True)
+    assert 100 <= crop.shape[0] <= 120 and crop.all() and abs(row0 + crop.shape[0] / 2 - 4000) <= 3
