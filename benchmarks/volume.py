@@ -46,7 +46,7 @@ from napari_deepcrop.checkpoint import default_checkpoint_path  # noqa: E402
 from napari_deepcrop.crops import PlacedMask  # noqa: E402
 from napari_deepcrop.predictor import DeepCropPredictor  # noqa: E402
 from napari_deepcrop.session import AnnotationSession, ObjectMask, predict_object  # noqa: E402
-from napari_deepcrop.training.evaluate import load_coco, next_click  # noqa: E402
+from napari_deepcrop.training.evaluate import load_coco, mask_iou, next_click  # noqa: E402
 from napari_deepcrop.volume import VolumeObject, correct_slice, deepest_point, segment_volume  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tiny_coco"
@@ -159,11 +159,6 @@ def volume_masks(volume: VolumeObject, shape) -> np.ndarray:
     return out
 
 
-def iou_3d(pred: np.ndarray, truth: np.ndarray) -> float:
-    union = np.count_nonzero(pred | truth)
-    return np.count_nonzero(pred & truth) / union if union else 1.0
-
-
 def slice_ious(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     inter = (pred & truth).sum(axis=(1, 2))
     union = (pred | truth).sum(axis=(1, 2))
@@ -209,12 +204,12 @@ def propagate_and_correct(predictor, seq: Sequence3D, corrections: int) -> dict[
     stops = {("after" if d > 0 else "before"): why for d, why in volume.stops.items()}
     slices_found = len(volume.masks)
     pred = volume_masks(volume, seq.truth.shape)
-    ious, corrected = [iou_3d(pred, seq.truth)], []
+    ious, corrected = [mask_iou(pred, seq.truth)], []
     for _ in range(corrections):
         k, mask = correction(predictor, seq, volume, pred)
         correct_slice(predictor, seq.stack, volume, k, mask, contrast_limits=CONTRAST)
         pred = volume_masks(volume, seq.truth.shape)
-        ious.append(iou_3d(pred, seq.truth))
+        ious.append(mask_iou(pred, seq.truth))  # over voxels: it works in any dimension
         corrected.append(k)
     return {
         "iou_3d": ious,
