@@ -953,11 +953,15 @@ class DeepCropWidget(Container):
 
     @ensure_main_thread
     def _show_progress(self, bar: cancelable_progress, description: str, value: int) -> None:
+        if bar is not self._progress:  # a late report of a task that has finished
+            return
+        total = f" {value} / {bar.total}" if description.endswith("training") else ""
+        self._task_note.value = f"{description}{total}"
+        # napari's progress bar widget can process events while it redraws, so the task may finish (and write
+        # its own note) inside set_description: the note is written first and the bar updated only while live
+        bar.set_description(description)
         if bar is self._progress:
-            bar.set_description(description)
             bar.update(value - bar.n)
-            total = f" {value} / {bar.total}" if description.endswith("training") else ""
-            self._task_note.value = f"{description}{total}"
 
     def _task_done(self, done: Callable, cancelled: str, outcome: _Outcome) -> None:
         self._task, bar, self._progress = None, self._progress, None
