@@ -24,6 +24,7 @@ from napari_deepcrop.volume import (
     deepest_point,
     mask_iou,
     segment_volume,
+    track,
 )
 
 SIDE = 128
@@ -71,6 +72,45 @@ def test_one_click_follows_a_moving_growing_blob_through_20_slices(disk_predicto
     volume = segment_volume(disk_predictor, stack, (10,), seed)
     assert volume.slices == list(range(20))
     assert volume.stops == {1: STOP_END, -1: STOP_END}
+    per_slice = [iou(m, t) for m, t in zip(full_masks(volume, stack.shape), truth, strict=True)]
+    assert min(per_slice) > 0.8, np.round(per_slice, 2)
+
+
+def moving_disk_stack(steps, radius: float = 14, side: int = SIDE):
+    """A textured disk at each of ``steps`` (row, col) centres on one still textured background: (stack, truth)."""
+    background, _ = disk_image(side, (-999, -999), 1, seed=100, channels=1)
+    texture, disk = disk_image(side, (side // 2, side // 2), radius, seed=101, channels=1)
+    rows, cols = np.nonzero(disk)
+    images, truth = [], []
+    for dr, dc in steps:
+        image, mask = background[..., 0].copy(), np.zeros((side, side), bool)
+        r, c = rows + int(dr) - side // 2, cols + int(dc) - side // 2
+        image[r, c], mask[r, c] = texture[rows, cols, 0], True
+        images.append(image)
+        truth.append(mask)
+    return np.stack(images), np.stack(truth)
+
+
+def test_track_moves_the_mask_with_the_object_and_keeps_a_still_one():
+    stack, truth = moving_disk_stack([(50, 50), (59, 37), (59, 37)])
+    mask = ObjectMask.from_full(truth[0])
+    moved = track(stack[0], stack[1], mask, (0, 255))
+    assert moved.crop is mask.crop and np.abs(np.subtract(moved.origin, mask.origin) - (9, -13)).max() <= 1
+    still = ObjectMask.from_full(truth[1])
+    assert track(stack[1], stack[2], still, (0, 255)) is still  # nothing moved: the very same mask
+    # a larger object is matched on a template scaled down to TRACK_SIDE pixels: still within a few pixels
+    big, big_truth = moving_disk_stack([(128, 128), (140, 110)], radius=60, side=256)
+    moved = track(big[0], big[1], ObjectMask.from_full(big_truth[0]), (0, 255))
+    assert np.abs(np.subtract(moved.origin, ObjectMask.from_full(big_truth[1]).origin)).max() <= 3
+
+
+def test_one_click_follows_an_object_that_moves_further_than_its_radius_each_slice(disk_predictor):
+    # 18 pixels a slice, more than the disk's radius: the last slice's mask, where it was, misses the object
+    steps = [(80 + 6 * np.sin(z / 2), 24 + 18 * z) for z in range(7)]
+    stack, truth = moving_disk_stack(steps, radius=12, side=160)
+    seed = click_seed(disk_predictor, stack, truth, 3)
+    volume = segment_volume(disk_predictor, stack, (3,), seed, contrast_limits=(0, 255))
+    assert volume.slices == list(range(7)), volume.stops
     per_slice = [iou(m, t) for m, t in zip(full_masks(volume, stack.shape), truth, strict=True)]
     assert min(per_slice) > 0.8, np.round(per_slice, 2)
 

@@ -5,13 +5,16 @@ channels of one image, as napari's ``channel_axis`` gives them). A slice is addr
 ``plane``; propagation runs along one leading axis (z of a volume, t of a time series: tracking is the same
 walk), from the mask of a seed slice outwards, one slice at a time:
 
-- the next slice is segmented by :meth:`DeepCropPredictor.predict` with the previous slice's mask as
-  ``prev_mask`` and one positive click at that mask's deepest interior point (farthest from its boundary), so
-  the network sees exactly what a refinement click gives it;
+- the previous slice's mask is first moved to where the object went (:func:`track`: a masked template match of
+  its pixels in the next slice, near where it was): objects move between slices, cells in a time-lapse and
+  structures through z, and a mask left where it was drifts off them within a few slices;
+- the next slice is segmented by :meth:`DeepCropPredictor.predict` with that moved mask as ``prev_mask`` and one
+  positive click at its deepest interior point (farthest from its boundary), so the network sees exactly what
+  a refinement click gives it;
 - the walk stops where the object ends: the mask vanishes (fewer than ``min_pixels``), its predicted IoU falls
-  below ``min_score``, or it overlaps the slice before by less than ``min_iou`` (objects do not jump between
-  neighbouring slices; a jump means the network lost this object or found another). The slice that stopped it
-  is left empty.
+  below ``min_score``, or it overlaps the moved mask of the slice before by less than ``min_iou`` (objects do
+  not change shape abruptly between neighbouring slices; a jump means the network lost this object or found
+  another). The slice that stopped it is left empty.
 
 A :class:`VolumeObject` holds one mask per index along the axis, each the crop of its bounding box (memory is
 bounded by the object, not the stack), and the *source* of each: the fixed slice (the seed or a user's
@@ -48,6 +51,10 @@ STOP_LIMIT = "the slice limit"
 
 # seed contrast limits come from the seed's bounding box grown by this many times its side on each side
 CONTRAST_MARGIN = 1.0
+# track() looks for the object within its box grown by this share of its longer side on each side (within the
+# crops the predictor reads next), matching a template of at most TRACK_SIDE pixels a side
+TRACK_MARGIN = 0.5
+TRACK_SIDE = 64
 
 OnSlice = Callable[[int, ObjectMask | None], None]  # (index along the axis, its mask or None); may raise to stop
 
@@ -194,6 +201,57 @@ def contrast_around(image: Any, mask: PlacedMask | None = None, margin: float = 
     return pairs[0] if len(pairs) == 1 else pairs
 
 
+def _intensity(region: np.ndarray, contrast_limits) -> np.ndarray:
+    """A 2D float32 image of ``region`` ((h, w) or (h, w, C)), each channel scaled by its contrast limits."""
+    region = np.asarray(region, np.float32)
+    channels = region[..., None] if region.ndim == 2 else region
+    limits = np.asarray(contrast_limits, np.float32).reshape(-1, 2)
+    low, high = limits[:, 0], limits[:, 1]
+    return ((channels - low) / np.maximum(high - low, 1e-6)).mean(axis=-1)
+
+
+def track(prev_image: Any, image: Any, mask: ObjectMask, contrast_limits, margin: float = TRACK_MARGIN,
+          side: int = TRACK_SIDE) -> ObjectMask:  # fmt: skip
+    """``mask`` of ``prev_image`` moved to where its pixels are in ``image`` (two 2D slices of one stack).
+
+    A masked template match (``cv2.matchTemplate``, squared differences under the mask) of the mask's pixels
+    within its box grown by ``margin`` times its longer side, both scaled so that the template is at most
+    ``side`` pixels a side: a translation, to a few pixels, that keeps the mask where the object went. The mask
+    stays where it was when that fits as well (a textureless object), or when there is nothing to match. Reads
+    only the mask's box of ``prev_image`` and the grown box of ``image``.
+    """
+    (rows, cols), (h, w), (height, width) = mask.bbox, mask.crop.shape, mask.shape
+    if h == 0 or w == 0:
+        return mask
+    grow = int(math.ceil(margin * max(h, w)))
+    r0, c0 = max(0, rows.start - grow), max(0, cols.start - grow)
+    r1, c1 = min(height, rows.stop + grow), min(width, cols.stop + grow)
+    scale = min(1.0, side / max(h, w))
+
+    def resized(a: np.ndarray) -> np.ndarray:
+        size = (max(1, round(a.shape[1] * scale)), max(1, round(a.shape[0] * scale)))
+        return cv2.resize(a, size, interpolation=cv2.INTER_AREA)
+
+    template = resized(_intensity(prev_image[rows, cols], contrast_limits))
+    weight = resized(mask.crop.astype(np.float32))
+    search = resized(_intensity(image[r0:r1, c0:c1], contrast_limits))
+    if weight.sum() < 4 or template.shape[0] > search.shape[0] or template.shape[1] > search.shape[1]:
+        return mask
+    cost = cv2.matchTemplate(search, template, cv2.TM_SQDIFF, mask=weight)
+    stay = (
+        min(cost.shape[0] - 1, round((rows.start - r0) * scale)),
+        min(cost.shape[1] - 1, round((cols.start - c0) * scale)),
+    )
+    row, col = np.unravel_index(int(np.argmin(cost)), cost.shape)
+    if cost[stay] <= cost[row, col] * 1.05 + 1e-6:  # no better fit elsewhere: the mask stays
+        return mask
+    origin = (
+        int(np.clip(r0 + round(row / scale), 0, height - h)),
+        int(np.clip(c0 + round(col / scale), 0, width - w)),
+    )
+    return replace(mask, origin=origin)
+
+
 def _predict_next(predictor, image, prev: ObjectMask, contrast_limits) -> ObjectMask:
     predictor.set_image(image, contrast_limits=contrast_limits)
     point = np.array([deepest_point(prev)], np.float64)
@@ -234,7 +292,7 @@ def walk(
 def _walk_one(predictor, stack, volume: VolumeObject, start: int, direction: int, contrast_limits, rules, on_slice):
     """One direction of :func:`walk`; the other direction's thread writes other keys of ``volume``."""
     added: set[int] = set()
-    prev, k = volume.masks[start], start + direction
+    prev, k, prev_image = volume.masks[start], start + direction, read_slice(stack, volume.plane_at(start))
     while True:
         if not 0 <= k < volume.length:
             volume.stops[direction] = STOP_END
@@ -245,7 +303,9 @@ def _walk_one(predictor, stack, volume: VolumeObject, start: int, direction: int
         if rules.max_slices is not None and len(added) >= rules.max_slices:
             volume.stops[direction] = STOP_LIMIT
             return added
-        mask = _predict_next(predictor, read_slice(stack, volume.plane_at(k)), prev, contrast_limits)
+        image = read_slice(stack, volume.plane_at(k))
+        prev = track(prev_image, image, prev, contrast_limits)
+        mask = _predict_next(predictor, image, prev, contrast_limits)
         why = rules.why_stop(mask, prev)
         if on_slice is not None:
             on_slice(k, None if why else mask)
@@ -254,7 +314,7 @@ def _walk_one(predictor, stack, volume: VolumeObject, start: int, direction: int
             return added
         volume.masks[k], volume.sources[k] = mask, start
         added.add(k)
-        prev, k = mask, k + direction
+        prev, k, prev_image = mask, k + direction, image
 
 
 def segment_volume(
