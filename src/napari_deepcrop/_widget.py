@@ -200,12 +200,14 @@ class _Written:
     before: dict[int, ObjectMask]  # the object's masks as written before (a correction), else {}
     object_id: int  # the session's object: its preview is discarded once written
     category: str
+    settings: int  # the widget's model settings when it started: a model loaded for them is kept
 
 
-def _propagate(job: _Propagation, report: Report) -> tuple[VolumeObject, set[int]]:
-    """The object through the stack (or a correction re-propagated): its volume and the slices that changed."""
-    predictor = job.predictor or load_predictor(job.checkpoint, job.device)[0]
-    predictor = copy.copy(predictor)  # clicks on other objects use the widget's predictor meanwhile
+def _propagate(job: _Propagation, report: Report) -> tuple[VolumeObject, set[int], DeepCropPredictor | None]:
+    """The object through the stack (or a correction re-propagated): its volume, the slices that changed and
+    the predictor loaded for it (None: the widget's was used)."""
+    loaded = None if job.predictor is not None else load_predictor(job.checkpoint, job.device)[0]
+    predictor = copy.copy(job.predictor or loaded)  # clicks on other objects use the widget's meanwhile
     predictor.snap_edges = job.snap_edges
     segmented = itertools.count(1)
 
@@ -216,11 +218,11 @@ def _propagate(job: _Propagation, report: Report) -> tuple[VolumeObject, set[int
         volume = segment_volume(
             predictor, job.stack, job.plane, job.seed, job.axis, job.contrast_limits, on_slice=on_slice
         )
-        return volume, set(volume.masks)
+        return volume, set(volume.masks), loaded
     volume = job.volume.copy()
     k = job.plane[job.axis]
     changed = correct_slice(predictor, job.stack, volume, k, job.seed, job.contrast_limits, on_slice=on_slice)
-    return volume, changed
+    return volume, changed, loaded
 
 
 def _image_array(image: Image) -> Any:
@@ -386,7 +388,9 @@ class DeepCropWidget(Container):
         mask, plane, label = seed
         axis = self._propagation_axis(image)
         job = self._propagation(image, plane, axis, mask)
-        written = _Written(image, self._target.value, label, {}, self.session.object_id, self._category_name())
+        written = _Written(
+            image, self._target.value, label, {}, self.session.object_id, self._category_name(), self._settings
+        )
         return self._start_propagation(job, written, spatial[axis] - 1)
 
     def discard(self) -> None:
@@ -500,12 +504,16 @@ class DeepCropWidget(Container):
         _, target, propagated = live
         volume = propagated.volume
         job = self._propagation(image, volume.plane_at(self.session.corrects), volume.axis, mask, volume)
-        written = _Written(image, target, propagated.label, dict(volume.masks), self.session.object_id, "")
+        written = _Written(
+            image, target, propagated.label, dict(volume.masks), self.session.object_id, "", self._settings
+        )
         return self._start_propagation(job, written, volume.length - 1)
 
-    def _on_propagated(self, written: _Written, result: tuple[VolumeObject, set[int]]) -> None:
+    def _on_propagated(self, written: _Written, result: tuple[VolumeObject, set[int], Any]) -> None:
         """Write the propagated object (or its correction) into the Labels layer, in one undo step."""
-        volume, changed = result
+        volume, changed, loaded = result
+        if loaded is not None and self.predictor is None and written.settings == self._settings:
+            self._use_predictor(loaded)  # the next click needs no second load
         image, target, layers = written.image, written.target, self._viewer.layers
         if image not in layers or (target is not None and target not in layers):
             show_error("DeepCrop: the image or Labels layer was removed while propagating: nothing written")
@@ -636,8 +644,7 @@ class DeepCropWidget(Container):
         job = result.job
         loaded = result.predictor is not None and result.predictor is not self.predictor
         if loaded and job.settings == self._settings:
-            self.predictor = result.predictor
-            self._device_note.value = f"{self._checkpoint.value.name} on {self.predictor.device}"
+            self._use_predictor(result.predictor)
         if result.warning:
             show_warning(f"DeepCrop: {result.warning}")
         if result.mask is not None and job.object_id == self.session.object_id:
@@ -649,6 +656,10 @@ class DeepCropWidget(Container):
                 self.session.mask = result.mask
                 self._show_preview()
         self._start_job()  # newer clicks, if any
+
+    def _use_predictor(self, predictor: DeepCropPredictor) -> None:
+        self.predictor = predictor
+        self._device_note.value = f"{self._checkpoint.value.name} on {predictor.device}"
 
     def _reset_object(self) -> None:
         self.session.reset()

@@ -13,6 +13,9 @@ import pytest
 from scipy import ndimage
 
 from napari_deepcrop._widget import CLICKS, PREVIEW
+from napari_deepcrop.checkpoint import save_checkpoint
+from napari_deepcrop.model import DeepCropConfig, DeepCropV2
+from napari_deepcrop.predictor import DeepCropPredictor
 
 SLICES, FIRST, LAST, SHAPE = 20, 3, 16, (48, 64)
 
@@ -269,3 +272,19 @@ def test_clicks_on_a_propagated_slice_correct_it_and_p_repropagates_beyond_it(st
     np.testing.assert_array_equal(labels.data, expected_12)
     labels.undo()
     np.testing.assert_array_equal(labels.data, expected)
+
+
+def test_the_model_loaded_to_propagate_is_kept_for_the_next_click(stack_widget, qtbot, tmp_path):
+    viewer, widget = stack_widget
+    click(widget, qtbot, (10, *center(10)))
+    widget.commit()
+    checkpoint = save_checkpoint(tmp_path / "small.pt", DeepCropV2(DeepCropConfig(input_size=64)))
+    widget._checkpoint.value = checkpoint  # another model: nothing loaded until it is needed
+    assert widget.predictor is None
+    viewer.dims.set_point(0, 10)
+    propagate(widget, qtbot)  # the committed object, propagated by the model it loads
+    loaded = widget.predictor
+    assert isinstance(loaded, DeepCropPredictor)
+    assert checkpoint.name in widget._device_note.value and str(loaded.device) in widget._device_note.value
+    click(widget, qtbot, (5, 10, 10))
+    assert widget.predictor is loaded  # the click used it: no second load
