@@ -260,7 +260,9 @@ class DeepCropWidget(Container):
         self._cancel_requested = threading.Event()
         self._folder: Path | None = None  # where dialogs start: the last export, or the open dataset
         self._committed: tuple[Labels, int, tuple[int, ...], ObjectMask] | None = None  # the last commit's
-        self._propagated: tuple[Image, Labels, PropagatedObject] | None = None  # the last propagation's
+        # the objects propagated, by (Labels layer id, label), the latest last; the one being corrected
+        self._propagated: dict[tuple[int, int], tuple[Image, Labels, PropagatedObject]] = {}
+        self._correcting: tuple[int, int] | None = None
 
         self._image = ComboBox(label="Image", choices=self._image_choices)
         # multichannel images (napari's channel_axis gives one layer per channel): up to two more channels
@@ -456,24 +458,41 @@ class DeepCropWidget(Container):
             cancelled="propagation cancelled: nothing was written",
         )  # fmt: skip
 
+    def _live_propagations(self) -> list[tuple[tuple[int, int], Image, Labels, PropagatedObject]]:
+        """The propagated objects of the widget's image and Labels layer, the latest first (forgetting those
+        whose layers were removed)."""
+        layers, live = self._viewer.layers, []
+        for key, (image, target, propagated) in list(self._propagated.items()):
+            if image not in layers or target not in layers:
+                del self._propagated[key]
+            elif image is self._image.value and target is self._target.value:
+                live.append((key, image, target, propagated))
+        return live[::-1]
+
     def _live_propagation(self) -> tuple[Image, Labels, PropagatedObject] | None:
-        """The last propagated object, if its image and Labels layer are still the widget's."""
-        if self._propagated is None:
-            return None
-        image, target, propagated = self._propagated
-        layers = self._viewer.layers
-        if image is self._image.value and target is self._target.value and image in layers and target in layers:
-            return self._propagated
+        """The propagated object being corrected, if its image and Labels layer are still the widget's."""
+        for key, image, target, propagated in self._live_propagations():
+            if key == self._correcting:
+                return image, target, propagated
         return None
 
+    def _keep_propagated(self, image: Image, target: Labels, propagated: PropagatedObject) -> None:
+        key = (id(target), propagated.label)
+        self._propagated.pop(key, None)  # re-inserted: the latest
+        self._propagated[key] = (image, target, propagated)
+
     def _start_correction(self, point: np.ndarray) -> None:
-        """A new object's first click: on a slice of the last propagated object, the clicks correct that slice."""
-        live = self._live_propagation()
-        if live is None:
-            return
-        _, target, propagated = live
-        k = propagated.slice_at(target.data, tuple(int(v) for v in point[:-2]), tuple(int(v) for v in point[-2:]))
-        if k is not None:
+        """A new object's first click: on a slice of a propagated object, the clicks correct that slice. The
+        object under the click first, else the latest whose mask there is near it."""
+        plane, pixel = tuple(int(v) for v in point[:-2]), tuple(int(v) for v in point[-2:])
+        found = []
+        for key, _, target, propagated in self._live_propagations():
+            k = propagated.slice_at(target.data, plane, pixel)
+            if k is not None:
+                under = propagated.volume.masks[k][pixel[0] : pixel[0] + 1, pixel[1] : pixel[1] + 1].any()
+                found.append((not under, len(found), key, k, propagated))
+        if found:
+            _, _, self._correcting, k, propagated = min(found)
             base = propagated.volume.masks[k]
             self.session.correct(k, base, deepest_point(base))
             self._task_note.value = (
@@ -491,7 +510,7 @@ class DeepCropWidget(Container):
         changed = correct_slice(None, None, volume, k, self.session.mask, propagate=False)
         corrected = PropagatedObject(propagated.label, volume)
         self._write_object(target, corrected, propagated.volume.masks, changed)
-        self._propagated = (live[0], target, corrected)
+        self._keep_propagated(live[0], target, corrected)
         self._task_note.value = f"slice {k} of label {propagated.label} corrected"
         self.discard()
 
@@ -532,7 +551,7 @@ class DeepCropWidget(Container):
         self._write_object(target, propagated, written.before, changed)
         if written.label is None:
             _set_category(target, label, written.category)
-        self._propagated = (image, target, propagated)
+        self._keep_propagated(image, target, propagated)
         if self.session.object_id == written.object_id:
             self.discard()
         span = volume.slices

@@ -288,3 +288,24 @@ def test_the_model_loaded_to_propagate_is_kept_for_the_next_click(stack_widget, 
     assert checkpoint.name in widget._device_note.value and str(loaded.device) in widget._device_note.value
     click(widget, qtbot, (5, 10, 10))
     assert widget.predictor is loaded  # the click used it: no second load
+
+
+def test_any_propagated_object_can_be_corrected_not_only_the_last(make_widget, blob_predictor, qtbot):
+    tzyx = np.stack([STACK, STACK])  # (t, z, y, x): the same blob at both times
+    viewer, widget = make_widget((tzyx, {"name": "image"}))
+    widget.predictor = blob_predictor
+    viewer.dims.last_used = 1  # z, at t = 1: label 1
+    click(widget, qtbot, (1, 10, *center(10)))
+    propagate(widget, qtbot)
+    viewer.dims.last_used = 0  # t, at z = 5: label 2, propagated last
+    click(widget, qtbot, (0, 5, *center(5)))
+    propagate(widget, qtbot)
+    labels = widget._target.value
+    before = labels.data.copy()
+    hole = (center(14)[0] + 4, center(14)[1])
+    click(widget, qtbot, (1, 14, *hole), positive=False)  # on label 1's slice 14
+    assert widget.session.corrects == 14 and "label 1" in widget._task_note.value
+    widget.commit()
+    expected = before.copy()
+    expected[1, 14][disk(hole)] = 0
+    np.testing.assert_array_equal(labels.data, expected)  # label 1's slice 14 alone; label 2 untouched
