@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from napari_deepcrop.model import HEADS, TRUNKS, DeepCropConfig, DeepCropV2
+from napari_deepcrop.model import HEADS, SCORE_HEADS, TRUNKS, DeepCropConfig, DeepCropV2
 
 
+@pytest.mark.parametrize("score_head", SCORE_HEADS)
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("trunk", TRUNKS)
-def test_forward_backward_shapes(trunk, head):
-    config = DeepCropConfig(trunk=trunk, head=head, input_size=64)
+def test_forward_backward_shapes(trunk, head, score_head):
+    config = DeepCropConfig(trunk=trunk, head=head, input_size=64, score_head=score_head)
     model = DeepCropV2(config)
     image = torch.rand(2, 3, 64, 64)
     planes = torch.rand(2, config.click_planes, 64, 64)
@@ -18,6 +19,34 @@ def test_forward_backward_shapes(trunk, head):
     first = model.trunk.first_conv.weight
     assert first.shape[1] == 3 + config.click_planes
     assert first.grad is not None and first.grad[:, 3:].abs().sum() > 0, "click planes must reach the trunk"
+    assert all(p.grad is not None for p in model.score_head.parameters())
+
+
+def test_the_mask_score_head_sees_a_mask_cut_by_the_crop_border():
+    """Two masks of one area and the same features, one in the middle, one on the border: different scores."""
+    torch.manual_seed(0)
+    head = DeepCropV2(DeepCropConfig(trunk="resnet18", input_size=64, score_head="mask")).score_head
+    feat = torch.rand(2, 256, 4, 4)
+    logits = torch.full((2, 1, 64, 64), -8.0)
+    logits[0, :, 24:40, 24:40] = 8.0
+    logits[1, :, 0:16, 24:40] = 8.0
+    scores = head(feat[:1].expand(2, -1, -1, -1), logits)
+    assert abs(scores[0] - scores[1]) > 1e-4
+    pooled = DeepCropV2(DeepCropConfig(trunk="resnet18", input_size=64)).score_head
+    same = pooled(feat[:1].expand(2, -1, -1, -1), logits)
+    assert torch.allclose(same[0], same[1])  # the pooled head cannot tell them apart
+
+
+def test_with_score_head_swaps_only_the_score_head():
+    torch.manual_seed(0)
+    model = DeepCropV2(DeepCropConfig(input_size=64)).eval()
+    swapped = model.with_score_head("mask").eval()
+    assert swapped.config.score_head == "mask" and model.config.score_head == "pooled"
+    image, planes = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        (mask_a, _), (mask_b, _) = model(image, planes), swapped(image, planes)
+    assert torch.equal(mask_a, mask_b)
+    assert isinstance(swapped.score_head, type(DeepCropV2(swapped.config).score_head))
 
 
 def test_click_planes_follow_config():
@@ -33,6 +62,8 @@ def test_config_rejects_bad_values():
         DeepCropConfig(trunk="vgg16")
     with pytest.raises(ValueError, match="multiple of 16"):
         DeepCropConfig(input_size=100)
+    with pytest.raises(ValueError, match="score_head"):
+        DeepCropConfig(score_head="mlp")
     with pytest.raises(ValueError, match="unknown DeepCropConfig keys"):
         DeepCropConfig.from_dict({"trunk": "resnet18", "colour": "red"})
 

@@ -211,6 +211,29 @@ def test_sigterm_saves_a_resumable_checkpoint(coco, tmp_path):
     load_checkpoint(out / "checkpoint.pt")  # what the predictor loads
 
 
+def test_train_only_score_changes_the_score_head_alone(coco, tmp_path):
+    """--init with a new --score-head and --train-only score: every other weight and batch-norm statistic is
+    the initial model's, the optimizer holds the score head's parameters alone, and the checkpoint records it."""
+    train.main(args_for(coco, tmp_path / "base", "--max-steps", "1"))
+    base = read_checkpoint(tmp_path / "base" / "checkpoint.pt")
+    args = args_for(
+        coco, tmp_path / "score", "--init", str(tmp_path / "base" / "checkpoint.pt"), "--score-head", "mask",
+        "--train-only", "score", "--max-steps", "4", "--lr", "1e-2",
+    )  # fmt: skip
+    train.main(args)
+    tuned = read_checkpoint(tmp_path / "score" / "checkpoint.pt")
+    assert tuned["config"]["score_head"] == "mask" and base["config"]["score_head"] == "pooled"
+    others = [k for k in base["model"] if not k.startswith("score_head.")]
+    assert others and all(torch.equal(base["model"][k], tuned["model"][k]) for k in others)
+    assert any("running_mean" in k for k in others)  # batch norm statistics among them
+    score_params = [k for k in tuned["model"] if k.startswith("score_head.")]
+    assert len(tuned["optimizer"]["param_groups"][0]["params"]) == len(score_params) == 4
+    assert len(tuned["optimizer"]["state"]) == 4  # each has taken steps
+    model, _ = load_checkpoint(tmp_path / "score" / "checkpoint.pt")
+    fresh = DeepCropV2(model.config)
+    assert type(model.score_head) is type(fresh.score_head) and model.config.score_head == "mask"
+
+
 def test_the_recipe_config_is_two_stages_and_names_real_data(tmp_path):
     """The recipe: objects from the ImageNet Lite0 trunk, then ladder crops from its last weights, one command."""
     from pathlib import Path

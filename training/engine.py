@@ -28,6 +28,7 @@ class TrainOptions:
     max_iterations: int = 3
     score_weight: float = 0.5
     seed: int = 0
+    frozen: tuple[str, ...] = ()  # modules of the model not trained: kept in eval mode (batch norm statistics)
 
 
 def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ def corrective_iterations(
 
     Returns the click planes for the final, trained-on step (RITM's iterative training).
     """
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # frozen parts stay in eval mode
     model.eval()
     planes = batch["planes"]
     clicks = _batch_clicks(batch["clicks"])
@@ -91,7 +92,8 @@ def corrective_iterations(
             labels = np.array([lab for _, _, lab in sample_clicks])
             new_planes.append(encode_clicks(pts, labels, config, pred if config.prev_mask else None))
         planes = torch.from_numpy(np.stack(new_planes))
-    model.train(was_training)
+    for module, training in modes:
+        module.training = training
     return planes
 
 
@@ -142,6 +144,8 @@ def train_one_epoch(
     ``on_step(global_step)`` runs after every optimizer step (the caller checks for interrupts there).
     """
     model.train()
+    for name in options.frozen:
+        getattr(getattr(model, "module", model), name).eval()
     step, total, count = start_step, 0.0, 0
     corrective = config.positive_clicks and (config.negative_clicks or config.prev_mask)
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True)

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from napari_deepcrop.model import TRUNKS, DeepCropConfig, DeepCropV2
+from napari_deepcrop.model import SCORE_HEADS, TRUNKS, DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import pick_device
 
 from .data import CocoObjects, CocoSource, EpochSampler
@@ -81,6 +81,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--test-only", action="store_true", help="only evaluate --init/--resume on the validation set")
     p.add_argument("--trunk", choices=TRUNKS, default="resnet18")
     p.add_argument("--head", choices=("deepmask", "refine"), default="refine")
+    p.add_argument(
+        "--score-head", choices=SCORE_HEADS,
+        help="the score head (default: pooled; with --init: the initial model's, or a new one of this kind)",
+    )  # fmt: skip
+    p.add_argument(
+        "--train-only", choices=("score",),
+        help="train only this head; the rest of the network stays as initialised (frozen, batch norm included)",
+    )  # fmt: skip
     p.add_argument("--input-size", type=int, default=128)
     p.add_argument("--no-clicks", action="store_true", help="DeepMask itself: no click plane (report baseline)")
     p.add_argument("--single-click", action="store_true", help="the report's DeepCropV2: one positive plane only")
@@ -241,6 +249,7 @@ def model_config(args: argparse.Namespace) -> DeepCropConfig:
         positive_clicks=clicks,
         negative_clicks=corrective,
         prev_mask=corrective,
+        score_head=args.score_head or "pooled",
     )
 
 
@@ -368,8 +377,15 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         model.load_state_dict(resume["model"])
     elif args.init is not None:
         init_model, _ = load_checkpoint(args.init)
+        if args.score_head is not None and args.score_head != init_model.config.score_head:
+            init_model = init_model.with_score_head(args.score_head)
         config = init_model.config
         model = init_model.to(device)
+    frozen: tuple[str, ...] = ()
+    if args.train_only == "score":
+        frozen = ("trunk", "mask_head")
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("score_head.")
     # channels-last convolutions: ~15 % faster training steps on a 2-core CPU (oneDNN), and what tensor cores want
     model = model.to(memory_format=torch.channels_last)
 
@@ -387,10 +403,11 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
     steps_per_epoch = max(1, samples_per_epoch // world // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
 
+    trained = [param for param in model.parameters() if param.requires_grad]
     if args.opt == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(trained, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args.warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     epoch, step, best = 0, 0, -1.0
@@ -468,7 +485,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
                 device,
                 epoch,
                 step,
-                TrainOptions(iterative_prob=args.iterative_prob, seed=args.seed),
+                TrainOptions(iterative_prob=args.iterative_prob, seed=args.seed, frozen=frozen),
                 max_steps=args.max_steps,
                 on_step=after_step,
                 show_progress=is_main and not args.no_progress,

@@ -11,7 +11,7 @@ The trunk is a ResNet (the report's) or an EfficientNet-Lite, whose ImageNet wei
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -36,6 +36,10 @@ RESNET_WEIGHTS = {
     "resnet50": resnet.ResNet50_Weights.IMAGENET1K_V2,
 }
 HEADS = ("deepmask", "refine")
+# the score head: "pooled" sees the trunk's pooled top features and two statistics of the mask; "mask" also the
+# features pooled inside and outside the mask, and how much of the mask lies on each border of the crop (an
+# object cut by the crop is what makes a first-click scale wrong)
+SCORE_HEADS = ("pooled", "mask")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -55,12 +59,15 @@ class DeepCropConfig:
     prev_mask: bool = True
     deepmask_coarse: int = 56
     decoder_width: int = 32
+    score_head: str = "pooled"
 
     def __post_init__(self) -> None:
         if self.trunk not in TRUNKS:
             raise ValueError(f"trunk must be one of {TRUNKS}, got {self.trunk!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.score_head not in SCORE_HEADS:
+            raise ValueError(f"score_head must be one of {SCORE_HEADS}, got {self.score_head!r}")
         if self.input_size % 16 or self.input_size < 64:
             raise ValueError(f"input_size must be a multiple of 16 and >= 64, got {self.input_size}")
         if self.negative_clicks and not self.positive_clicks:
@@ -224,6 +231,33 @@ class _ScoreHead(nn.Module):
         return self.fc(pooled).squeeze(1)
 
 
+class _MaskScoreHead(nn.Module):
+    """Predicts the IoU of the network's own mask with the whole object from the top features pooled over the
+    crop, inside the mask and outside it, the mask's area and uncertainty, and its share on each border of the
+    crop (Mask Scoring R-CNN's idea of scoring the mask with the features under it, plus the border cue)."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(3 * cin + 7, 256), nn.ReLU(inplace=True), nn.Linear(256, 1))
+
+    def forward(self, feat: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        prob = torch.sigmoid(mask_logits.detach().float())
+        weight = F.adaptive_avg_pool2d(prob, feat.shape[-2:]).to(feat.dtype)
+        inside = (feat * weight).sum(dim=(2, 3)) / (weight.sum(dim=(2, 3)) + 1e-3)
+        outside = (feat * (1 - weight)).sum(dim=(2, 3)) / ((1 - weight).sum(dim=(2, 3)) + 1e-3)
+        ring = max(1, prob.shape[-1] // 16)
+        sides = torch.stack(
+            [prob[..., :ring, :], prob[..., -ring:, :], prob[..., :, :ring].transpose(-1, -2),
+             prob[..., :, -ring:].transpose(-1, -2)], dim=1,
+        ).mean(dim=(2, 3, 4))  # fmt: skip
+        stats = torch.cat(
+            [prob.mean(dim=(1, 2, 3))[:, None], 4 * (prob * (1 - prob)).mean(dim=(1, 2, 3))[:, None], sides,
+             sides.amax(dim=1, keepdim=True)], dim=1,
+        )  # fmt: skip
+        pooled = torch.cat([feat.mean(dim=(2, 3)), inside, outside, stats.to(feat.dtype)], dim=1)
+        return self.fc(pooled).squeeze(1)
+
+
 class DeepCropV2(nn.Module):
     """Image + click planes (B, 3 + click_planes, S, S) -> mask logits (B, 1, S, S) and score logits (B,)."""
 
@@ -241,11 +275,21 @@ class DeepCropV2(nn.Module):
             )
         else:
             self.mask_head = _RefineHead(self.trunk.channels, self.config.decoder_width)
-        self.score_head = _ScoreHead(self.trunk.channels[-1])
+        score_head = _MaskScoreHead if self.config.score_head == "mask" else _ScoreHead
+        self.score_head = score_head(self.trunk.channels[-1])
         # The input normalisation the trunk's ImageNet weights were trained with (kept for a trunk from scratch).
         mean, std = (LITE_MEAN, LITE_STD) if lite else (IMAGENET_MEAN, IMAGENET_STD)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def with_score_head(self, kind: str) -> DeepCropV2:
+        """This network with a new, untrained score head of ``kind`` (SCORE_HEADS); every other weight kept."""
+        model = DeepCropV2(replace(self.config, score_head=kind)).to(self.mean.device)
+        kept = {k: v for k, v in self.state_dict().items() if not k.startswith("score_head.")}
+        missing, unexpected = model.load_state_dict(kept, strict=False)
+        if unexpected or not all(k.startswith("score_head.") for k in missing):
+            raise RuntimeError(f"score head swap: missing {missing}, unexpected {unexpected}")
+        return model
 
     def forward(self, image: torch.Tensor, click_planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``image``: RGB in [0, 1]; ``click_planes``: from :func:`napari_deepcrop.clicks.encode_clicks`."""
