@@ -150,6 +150,21 @@ def test_a_correction_changes_only_the_slices_beyond_it_and_keeps_corrected_ones
     assert volume.fixed == {4, 10, 12, 14}
 
 
+def test_a_correction_keeps_the_masks_its_repropagation_does_not_reach(disk_predictor):
+    stack, truth = blob_stack(20)
+    volume = segment_volume(disk_predictor, stack, (10,), click_seed(disk_predictor, stack, truth, 10))
+    before = dict(volume.masks)
+    lost = stack.copy()
+    lost[17:] = blob_stack(20, first=0, last=-1)[0][17:]  # the re-walk from 14 loses the object at 17
+    corrected = ObjectMask.from_full(truth[14])
+    changed = correct_slice(disk_predictor, lost, volume, 14, corrected)
+    assert changed == {14, 15, 16} and volume.stops[1] != STOP_END
+    assert volume.slices == list(range(20))  # nothing lost
+    assert all(volume.masks[k] is before[k] for k in (*range(14), 17, 18, 19))
+    assert all(volume.sources[k] == 14 for k in range(15, 20))  # of 14's chain now: correcting 14 again redoes them
+    assert correct_slice(disk_predictor, stack, volume, 14, corrected) == set(range(15, 20))
+
+
 def test_a_correction_without_propagation_changes_that_slice_alone(disk_predictor):
     stack, truth = blob_stack(12)
     volume = segment_volume(disk_predictor, stack, (6,), click_seed(disk_predictor, stack, truth, 6))

@@ -19,10 +19,11 @@ walk), from the mask of a seed slice outwards, one slice at a time:
 A :class:`VolumeObject` holds one mask per index along the axis, each the crop of its bounding box (memory is
 bounded by the object, not the stack), and the *source* of each: the fixed slice (the seed or a user's
 correction) its chain of propagation started from. Correcting slice k (:func:`correct_slice`) fixes it and
-re-propagates outwards, away from its source: the masks of k's chain beyond k are dropped and predicted again,
-and a walk never enters a slice that holds a mask of another chain, so slices the user corrected stay as they
-are. The contrast limits are fixed once for the whole walk (by default from the seed's neighbourhood), so that no
-slice is read whole: a lazy stack loads only the slices visited and, in them, the crops the predictor reads.
+re-propagates outwards, away from its source: the masks of k's chain beyond k are predicted again (those the new
+walk does not reach are kept), and a walk never enters a slice that holds a mask of another chain, so slices
+the user corrected stay as they are. The contrast limits are fixed once for the whole walk (by default from the
+seed's neighbourhood), so that no slice is read whole: a lazy stack loads only the slices visited and, in them,
+the crops the predictor reads.
 """
 
 from __future__ import annotations
@@ -362,10 +363,16 @@ def correct_slice(
 ) -> set[int]:
     """Replace slice ``k``'s mask by the user's ``mask`` and (``propagate``) re-propagate outwards from it.
 
-    Returns the indices whose masks changed (added, replaced or dropped): the slices to write again.
+    The re-propagation replaces the masks beyond k as far as it gets; where it stops sooner than the masks it
+    replaces went (the network lost the object from the corrected mask), those masks are kept, now of k's chain:
+    a correction never loses slices of the object. Returns the indices whose masks changed (added, replaced or
+    dropped): the slices to write again.
     """
     before = dict(volume.masks)
     directions = volume.fix(k, mask, outward=propagate)
     if propagate:
         walk(predictor, stack, volume, k, directions, contrast_limits, rules, on_slice)
+        for j, kept in before.items():
+            if j not in volume.masks:
+                volume.masks[j], volume.sources[j] = kept, k
     return {j for j in set(before) | set(volume.masks) if before.get(j) is not volume.masks.get(j)}
