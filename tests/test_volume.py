@@ -273,3 +273,23 @@ def test_a_correction_keeps_the_slices_beyond_a_slice_fixed_without_propagating(
     assert correct_slice(disk_predictor, stack, volume, 12, ObjectMask.from_full(truth[12])) == {12, 13}
     assert volume.slices == list(range(20))
     assert all(volume.masks[k] is before[k] for k in (*range(12), *range(14, 20)))
+
+
+def test_the_walk_predicts_one_refinement_crop_per_slice_and_leaves_the_predictor_as_it_was(
+    disk_predictor, monkeypatch
+):
+    stack, truth = blob_stack(8)
+    batches = []
+    run = DeepCropPredictor._run
+
+    def counting(self, source, crops, *args):
+        batches.append(len(crops))
+        return run(self, source, crops, *args)
+
+    monkeypatch.setattr(DeepCropPredictor, "_run", counting)
+    volume = segment_volume(disk_predictor, stack, (4,), ObjectMask.from_full(truth[4]))
+    assert len(volume.masks) == 8 and batches and set(batches) == {1}  # one crop per slice, not (1.0, 1.5)
+    assert disk_predictor.refine_factors == (1.0, 1.5)
+    batches.clear()
+    predict_object(disk_predictor, stack[4], ((40, 50, 1), (60, 70, 0)), volume.masks[4], (0, 255))
+    assert batches == [2]  # a refinement click still weighs both crops

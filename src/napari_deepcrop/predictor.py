@@ -214,6 +214,10 @@ class DeepCropPredictor:
         # zoom-in from the first click on): the crop a refinement click gets, one more forward pass. tiny_coco
         # val2017 (benchmarks/accuracy.py, pretrained Lite0): mIoU@1 0.568 -> 0.594 snapped, 0.559 -> 0.601 not
         self.zoom_in = zoom_in
+        # refinement: crops around the mask and the clicks, the mask's box filling REFINE_RATIO of the first and
+        # 1.5x that for the second, the better by score (volume propagation, whose objects change little from
+        # slice to slice, uses the first alone)
+        self.refine_factors: tuple[float, ...] = (1.0, 1.5)
         if self.device.type == "cpu":
             # trained weights hold denormal floats, which x86 CPUs compute slowly; flushing them to zero changes
             # no mask and speeds inference up (a process-wide setting, harmless for napari)
@@ -328,7 +332,8 @@ class DeepCropPredictor:
             center = points[labels == 1][0]
             return [Crop.centered(center, s) for s in first_click_sides(shape, max_side)]
         (row0, col0), (h, w) = prev_mask.origin, prev_mask.crop.shape
-        return _crops_around(np.array([row0, col0]), np.array([row0 + h - 1, col0 + w - 1]), points, (1.0, 1.5))
+        lo, hi = np.array([row0, col0]), np.array([row0 + h - 1, col0 + w - 1])
+        return _crops_around(lo, hi, points, self.refine_factors)
 
     def _zoom_in(self, source: ImageSource, crop: Crop, logits: np.ndarray, score: float, points, labels):
         """The first click's mask predicted again on the crop a refinement would use, with itself as prev_mask."""

@@ -56,6 +56,9 @@ CONTRAST_MARGIN = 1.0
 # crops the predictor reads next), matching a template of at most TRACK_SIDE pixels a side
 TRACK_MARGIN = 0.5
 TRACK_SIDE = 64
+# the refinement crop of each slice: the moved mask's box filling REFINE_RATIO of it (the predictor's first
+# refinement crop alone, not also its 1.5x one: a slice's object changes little from the last)
+PROPAGATION_FACTORS = (1.0,)
 
 OnSlice = Callable[[int, ObjectMask | None], None]  # (index along the axis, its mask or None); may raise to stop
 
@@ -278,6 +281,9 @@ def walk(
     per copy, the network shared): on 2 CPU cores two small batches at a time keep the cores busier than one.
     """
     rules = rules or StopRules()
+    # the caller's predictor stays as it is: a copy, with one refinement crop per slice
+    predictor = copy.copy(predictor)
+    predictor.refine_factors = PROPAGATION_FACTORS
     if contrast_limits is None:
         contrast_limits = contrast_around(read_slice(stack, volume.plane_at(start)), volume.masks[start])
     if len(directions) == 1:
