@@ -12,8 +12,8 @@ worker thread, one at a time, with napari progress and a cancel button; they nev
 
 In a stack, Propagate (P) takes the current object (the preview, else the object last committed on the slice
 shown) through the slices along the last-used slider's axis (:mod:`.volume`), as one such task, and writes it
-under one label id in one undo step. A click on a slice of the object propagated last corrects that slice:
-Enter keeps the correction alone, P re-propagates outwards from it (slices corrected before stay).
+under one label id in one undo step. A click on a slice of an object propagated into the Labels layer corrects
+that slice: Enter keeps the correction alone, P re-propagates outwards from it (slices corrected before stay).
 """
 
 from __future__ import annotations
@@ -368,8 +368,8 @@ class DeepCropWidget(Container):
 
     def propagate(self) -> bool:
         """Propagate the current object through the stack on a worker thread (napari progress, cancellable), or
-        re-propagate a corrected slice of the last propagated object. The result is written when it arrives,
-        in one undo step; cancelled, nothing is. False when nothing was started."""
+        re-propagate the corrected slice of a propagated object. The result is written when it arrives, in one
+        undo step; cancelled, nothing is. False when nothing was started."""
         image = self._require_image()
         if image is None or not self._check_target(image):
             return False

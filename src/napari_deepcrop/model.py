@@ -215,6 +215,11 @@ class _RefineHead(nn.Module):
         return F.interpolate(self.out(x), size=(size, size), mode="bilinear", align_corners=False)
 
 
+def _mask_stats(prob: torch.Tensor) -> torch.Tensor:
+    """(B, 2): the mask's mean probability (its area) and its uncertainty, 4 p (1 - p) averaged, in [0, 1]."""
+    return torch.stack([prob.mean(dim=(1, 2, 3)), (prob * (1 - prob)).mean(dim=(1, 2, 3)) * 4], dim=1)
+
+
 class _ScoreHead(nn.Module):
     """Predicts the IoU of the network's own mask from the trunk features and the mask it produced."""
 
@@ -224,10 +229,7 @@ class _ScoreHead(nn.Module):
 
     def forward(self, feat: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
         prob = torch.sigmoid(mask_logits.detach())
-        mask_stats = torch.stack(
-            [prob.mean(dim=(1, 2, 3)), (prob * (1 - prob)).mean(dim=(1, 2, 3)) * 4], dim=1
-        )
-        pooled = torch.cat([feat.mean(dim=(2, 3)), mask_stats], dim=1)
+        pooled = torch.cat([feat.mean(dim=(2, 3)), _mask_stats(prob)], dim=1)
         return self.fc(pooled).squeeze(1)
 
 
@@ -250,10 +252,7 @@ class _MaskScoreHead(nn.Module):
             [prob[..., :ring, :], prob[..., -ring:, :], prob[..., :, :ring].transpose(-1, -2),
              prob[..., :, -ring:].transpose(-1, -2)], dim=1,
         ).mean(dim=(2, 3, 4))  # fmt: skip
-        stats = torch.cat(
-            [prob.mean(dim=(1, 2, 3))[:, None], 4 * (prob * (1 - prob)).mean(dim=(1, 2, 3))[:, None], sides,
-             sides.amax(dim=1, keepdim=True)], dim=1,
-        )  # fmt: skip
+        stats = torch.cat([_mask_stats(prob), sides, sides.amax(dim=1, keepdim=True)], dim=1)
         pooled = torch.cat([feat.mean(dim=(2, 3)), inside, outside, stats.to(feat.dtype)], dim=1)
         return self.fc(pooled).squeeze(1)
 
