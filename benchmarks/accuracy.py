@@ -48,6 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--checkpoint", default=None, help="DeepCropV2 checkpoint (default: the bundled one)")
     parser.add_argument("--device", default=None, help="device of the model (default: cuda if available)")
+    parser.add_argument(
+        "--refine-size", type=int, default=None,
+        help="run the model's refinement crops at this input size instead of its own (an ablation of the focus crop)",
+    )  # fmt: skip
     parser.add_argument("--max-clicks", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="a fixed-seed random subset of N images")
     parser.add_argument("--output", type=Path, default=None, help="write summaries and IoU curves as JSON")
@@ -56,9 +60,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
     if name in DEEPCROP:
+        from napari_deepcrop.checkpoint import load_checkpoint
         from napari_deepcrop.predictor import DeepCropPredictor
 
-        return DeepCropPredictor.from_checkpoint(args.checkpoint, device=args.device, **DEEPCROP[name])
+        model, _ = load_checkpoint(args.checkpoint)
+        if args.refine_size is not None:
+            model = model.with_refine_size(args.refine_size)
+        return DeepCropPredictor(model, device=args.device, **DEEPCROP[name])
     return BASELINES[name]()
 
 
@@ -92,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "objects": len(samples),
         "max_clicks": args.max_clicks,
         "checkpoint": args.checkpoint or "bundled",
+        "refine_size": args.refine_size,
         "methods": {},
     }
     for name in args.methods:

@@ -17,6 +17,17 @@ def test_planes_are_zero_at_the_click_and_grow_with_distance():
     assert pos.max() == 1.0 and (prev == 0).all()
 
 
+def test_planes_at_the_refinement_size_are_normalised_by_that_size():
+    """A refinement crop of 96 input pixels: the same crop-relative click gives the same plane values."""
+    config = DeepCropConfig(input_size=64, refine_size=96)
+    small = encode_clicks(np.array([[10.0, 20.0]]), np.array([1]), config)
+    large = encode_clicks(np.array([[15.0, 30.0]]), np.array([1]), config, size=96)
+    assert small.shape == (3, 64, 64) and large.shape == (3, 96, 96)
+    assert large[0, 15, 30 + 24] == pytest.approx(small[0, 10, 20 + 16]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="96x96"):
+        encode_clicks(np.array([[15.0, 15.0]]), np.array([1]), config, np.zeros((64, 64), bool), size=96)
+
+
 def test_no_click_of_a_kind_gives_a_plane_of_ones():
     planes = encode_clicks(np.array([[5.0, 5.0]]), np.array([1]), CONFIG)
     assert (planes[1] == 1).all()

@@ -49,6 +49,74 @@ def test_with_score_head_swaps_only_the_score_head():
     assert isinstance(swapped.score_head, type(DeepCropV2(swapped.config).score_head))
 
 
+@pytest.mark.parametrize("trunk", ["resnet18", "efficientnet_lite0"])
+def test_a_refine_size_network_takes_both_input_sizes_and_no_other(trunk):
+    config = DeepCropConfig(trunk=trunk, input_size=64, refine_size=96)
+    assert config.sizes == (64, 96) and config.refinement_size == 96
+    assert DeepCropConfig(input_size=64).refinement_size == 64
+    model = DeepCropV2(config)
+    for size in (64, 96):
+        mask, score = model(torch.rand(2, 3, size, size), torch.rand(2, config.click_planes, size, size))
+        assert mask.shape == (2, 1, size, size) and score.shape == (2,)
+    with pytest.raises(ValueError, match="64x64 or 96x96"):
+        model(torch.rand(1, 3, 80, 80), torch.rand(1, 3, 80, 80))
+    with pytest.raises(ValueError, match="64x64 or 96x96"):
+        model(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 96, 96))
+
+
+def test_each_input_size_keeps_its_own_batch_norm_statistics():
+    """Training at one size moves that size's running statistics only; evaluation at a size uses its own."""
+    torch.manual_seed(0)
+    model = DeepCropV2(DeepCropConfig(input_size=64, refine_size=96, decoder_width=8))
+    bn = model._batch_norms[0]
+    before = {s: getattr(bn, f"running_mean_{s}").clone() for s in (64, 96)}
+    model.train()
+    model(torch.rand(2, 3, 96, 96) * 3, torch.rand(2, 3, 96, 96))
+    assert torch.equal(bn.running_mean_64, before[64]) and not torch.equal(bn.running_mean_96, before[96])
+    model.eval()
+    image, planes = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        at_64, _ = model(image, planes)
+        model(torch.rand(1, 3, 96, 96), torch.rand(1, 3, 96, 96))  # loads the 96 statistics
+        again, _ = model(image, planes)
+        assert torch.equal(bn.running_mean, bn.running_mean_64) and torch.equal(at_64, again)
+        # the same weights with the statistics of the 96-px training pass give another mask at 64 px
+        state = model.state_dict()
+        shared = DeepCropV2(DeepCropConfig(input_size=64, decoder_width=8)).eval()
+        shared.load_state_dict({k: state.get(f"{k}_96", v) for k, v in state.items() if not k.endswith(("_64", "_96"))})
+        assert not torch.equal(shared(image, planes)[0], at_64)
+
+
+def test_with_refine_size_keeps_the_weights_and_each_sizes_statistics():
+    torch.manual_seed(0)
+    model = DeepCropV2(DeepCropConfig(input_size=64, decoder_width=8)).eval()
+    for bn in model._batch_norms:  # trained statistics, not the initial 0 / 1
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 2.0)
+    focus = model.with_refine_size(96).eval()
+    assert focus.config.refine_size == 96 and model.config.refine_size is None
+    image, planes = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(image, planes)[0], focus(image, planes)[0])
+        assert focus(torch.rand(1, 3, 96, 96), torch.rand(1, 3, 96, 96))[0].shape[-1] == 96
+    bn = focus._batch_norms[0]
+    assert torch.equal(bn.running_var_96, model._batch_norms[0].running_var)
+    bn.running_var_64.fill_(3.0)
+    back = focus.with_refine_size(None)  # one size again: the input size's statistics
+    assert sorted(back.state_dict()) == sorted(model.state_dict())
+    assert (back._batch_norms[0].running_var == 3.0).all()
+
+
+def test_refine_size_is_checked():
+    with pytest.raises(ValueError, match="refine_size must be a multiple of 16 and >= input_size"):
+        DeepCropConfig(input_size=128, refine_size=100)
+    with pytest.raises(ValueError, match="refine_size must be a multiple of 16 and >= input_size"):
+        DeepCropConfig(input_size=128, refine_size=64)
+    with pytest.raises(ValueError, match="deepmask head has a fixed input size"):
+        DeepCropConfig(head="deepmask", input_size=64, refine_size=96)
+    assert DeepCropConfig.from_dict(DeepCropConfig(input_size=64, refine_size=96).to_dict()).refine_size == 96
+
+
 def test_click_planes_follow_config():
     assert DeepCropConfig().click_planes == 3
     assert DeepCropConfig(negative_clicks=False, prev_mask=False).click_planes == 1  # the report's DeepCropV2

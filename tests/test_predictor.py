@@ -215,9 +215,9 @@ def test_first_click_zoom_in_refines_the_chosen_scales_mask_on_the_refinement_cr
     calls = []
     run = zoomed._run
 
-    def spy(source, crops, points, labels, prev_mask):
+    def spy(source, crops, points, labels, prev_mask, size):
         calls.append((list(crops), prev_mask))
-        return run(source, crops, points, labels, prev_mask)
+        return run(source, crops, points, labels, prev_mask, size)
 
     zoomed._run = spy
     mask, score = zoomed.predict(click, label)
@@ -226,6 +226,25 @@ def test_first_click_zoom_in_refines_the_chosen_scales_mask_on_the_refinement_cr
     side = calls[1][0][0].side  # the refinement crop: the mask's box fills 0.6 of it
     extent = max(np.ptp(np.nonzero(first)[0]), np.ptp(np.nonzero(first)[1])) + 1
     assert side == pytest.approx(extent / 0.6, rel=0.05)
-    second = run(zoomed._source, calls[1][0], click, label, calls[1][1])
+    second = run(zoomed._source, calls[1][0], click, label, calls[1][1], 64)
     assert score == pytest.approx(float(second[1][0]))
     assert iou(mask, truth) > 0.8
+
+
+@pytest.mark.slow
+def test_refinement_crops_run_at_the_refinement_size_and_first_click_scales_at_the_input_size(disk_model):
+    """refine_size: the first click's scales at input_size, its zoom-in and every refinement at refine_size."""
+    from napari_deepcrop.predictor import first_click_sides
+
+    model = disk_model.with_refine_size(96).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    p = DeepCropPredictor(model, device="cpu", snap_edges=False)
+    image, truth = disk_image(512, (260, 240), 45, seed=21)
+    p.set_image(image)
+    first, _ = p.predict(np.array([[260, 240]]), np.array([1]))
+    assert seen == [(len(first_click_sides(image.shape)), 3, 64, 64), (1, 3, 96, 96)]
+    seen.clear()
+    refined, _ = p.predict(np.array([[260, 240], [100, 100]]), np.array([1, 0]), prev_mask=first)
+    assert seen == [(len(p.refine_factors), 3, 96, 96)]
+    assert refined.shape == truth.shape and refined[260, 240] and not refined[100, 100]

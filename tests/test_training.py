@@ -146,6 +146,72 @@ def test_fine_tune_from_init_and_test_only(coco, tmp_path):
     assert not (tmp_path / "tuned" / "checkpoint.pt").exists()
 
 
+def test_at_size_resamples_a_batch_as_if_it_had_been_cut_at_that_size():
+    """A first-click batch cut at the refinement size, resampled to the input size, is (to interpolation) the
+    batch cut at the input size: clicks and their planes exactly, image and mask closely."""
+    from napari_deepcrop.clicks import encode_clicks
+    from napari_deepcrop.crops import Crop, read_crop
+    from napari_deepcrop.training.data import MAX_CLICKS, at_size
+
+    config = DeepCropConfig(input_size=64, refine_size=96)
+    image, mask = disk_image(256, (120, 140), 40, seed=3)
+    image = cv2.GaussianBlur(image, (0, 0), 2)  # pixel noise would differ after two resamplings
+    crop, click = Crop.centered((125.0, 130.0), 150.0), np.array([[120, 140], [40, 40]])
+
+    def cut(size):
+        rgb = read_crop(image, crop, size, lambda r: r.astype(np.float32) / 255)
+        gt = read_crop(mask, crop, size, lambda m: m.astype(np.float32)) > 0.5
+        clicks = np.full((MAX_CLICKS, 3), -1.0, np.float32)
+        clicks[:2, :2], clicks[:2, 2] = crop.to_input(click, size), [1, 0]
+        planes = encode_clicks(clicks[:2, :2], np.array([1, 0]), config, size=size)
+        return {"image": torch.from_numpy(rgb.transpose(2, 0, 1))[None], "planes": torch.from_numpy(planes)[None],
+                "mask": torch.from_numpy(gt[None, None].astype(np.float32)), "clicks": torch.from_numpy(clicks)[None],
+                "outside": torch.tensor([float(size) ** 2])}  # fmt: skip
+
+    large, small = cut(96), cut(64)
+    assert at_size(small, 64, config) is small
+    resampled = at_size(large, 64, config)
+    assert torch.allclose(resampled["clicks"], small["clicks"], atol=1e-5)
+    assert torch.allclose(resampled["planes"], small["planes"], atol=1e-5)
+    assert (resampled["image"] - small["image"]).abs().mean() < 0.01
+    a, b = resampled["mask"].bool(), small["mask"].bool()
+    assert (a & b).sum() / (a | b).sum() > 0.95
+    assert resampled["outside"].item() == pytest.approx(64.0**2)
+    assert large["image"].shape[-1] == 96  # the input is not changed
+
+
+@pytest.mark.parametrize("iterative, size", [(1.0, 96), (0.0, 64)])
+def test_corrective_batches_train_at_the_refinement_size_and_first_clicks_at_the_input_size(iterative, size):
+    from synthetic import DiskObjects
+    from torch.utils.data import DataLoader
+
+    from napari_deepcrop.training.engine import TrainOptions, train_one_epoch
+
+    torch.manual_seed(0)
+    config = DeepCropConfig(input_size=64, refine_size=96, decoder_width=8)
+    model = DeepCropV2(config)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append((args[0].shape[-1], args[1].shape[-1])))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loader = DataLoader(DiskObjects(config, n=8), batch_size=4)
+    train_one_epoch(model, config, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), loader,
+                    torch.device("cpu"), 0, 0, TrainOptions(iterative_prob=iterative), show_progress=False)  # fmt: skip
+    assert seen and set(seen) == {(size, size)}
+
+
+def test_refine_size_is_recorded_with_and_without_init(coco, tmp_path):
+    train.main(args_for(coco, tmp_path / "base", "--max-steps", "1"))
+    assert read_checkpoint(tmp_path / "base" / "checkpoint.pt")["config"]["refine_size"] is None
+    base = str(tmp_path / "base" / "checkpoint.pt")
+    train.main(args_for(coco, tmp_path / "focus", "--max-steps", "2", "--init", base, "--refine-size", "96"))
+    tuned = read_checkpoint(tmp_path / "focus" / "checkpoint.pt")
+    assert tuned["config"]["refine_size"] == 96 and tuned["step"] == 2
+    assert load_checkpoint(tmp_path / "focus" / "checkpoint.pt")[0].config.sizes == (64, 96)
+    train.main(args_for(coco, tmp_path / "new", "--max-steps", "1", "--refine-size", "96"))
+    assert read_checkpoint(tmp_path / "new" / "checkpoint.pt")["config"]["refine_size"] == 96
+
+
 def _run(cmd, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)

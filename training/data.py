@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools.coco import COCO
 from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
@@ -154,8 +155,12 @@ def make_sample(
     The crop's side is drawn relative to the object (``RATIO_RANGE``), or, with probability ``ladder_prob``,
     among the sides a first click tries on this image, however small or large the object is in them: what the
     score head has to rank at inference.
+
+    Training samples are cut at ``config.refinement_size`` (the input size of refinement crops; the engine
+    resamples the batches it trains on first clicks to ``config.input_size`` with :func:`at_size`), validation
+    samples at ``config.input_size``.
     """
-    size = config.input_size
+    size = config.refinement_size if train else config.input_size
     click = _sample_click(mask, rng, protocol_click=not train or rng.random() < 0.35)
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
@@ -183,10 +188,35 @@ def make_sample(
     clicks[: len(points), :2], clicks[: len(points), 2] = points, labels
     return {
         "image": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))),
-        "planes": torch.from_numpy(encode_clicks(points, labels, config)),
+        "planes": torch.from_numpy(encode_clicks(points, labels, config, size=size)),
         "mask": torch.from_numpy(np.ascontiguousarray(gt[None])).float(),
         "clicks": torch.from_numpy(clicks),
         "outside": torch.tensor(outside, dtype=torch.float32),
+    }
+
+
+def at_size(batch: dict[str, torch.Tensor], size: int, config: DeepCropConfig) -> dict[str, torch.Tensor]:
+    """A batch of first-click samples (:func:`make_sample`) resampled to ``size`` input pixels: the image
+    bilinearly and the mask by the same rule as :func:`read_crop` (> 0.5), the clicks mapped by the pixel-centre
+    convention of :meth:`Crop.to_input` and encoded again. The batch itself when it has that size already."""
+    now = batch["image"].shape[-1]
+    if now == size:
+        return batch
+    scale = size / now
+    clicks = batch["clicks"].clone()
+    valid = clicks[..., 2] >= 0
+    clicks[..., :2] = torch.where(valid[..., None], (clicks[..., :2] + 0.5) * scale - 0.5, clicks[..., :2])
+    planes = [
+        encode_clicks(c[v, :2].numpy(), c[v, 2].numpy().astype(np.int64), config, size=size)
+        for c, v in zip(clicks, valid, strict=True)
+    ]
+    resize = {"size": (size, size), "mode": "bilinear", "align_corners": False}
+    return {
+        "image": F.interpolate(batch["image"], **resize).clamp(0, 1),
+        "planes": torch.from_numpy(np.stack(planes)),
+        "mask": (F.interpolate(batch["mask"], **resize) > 0.5).float(),
+        "clicks": clicks,
+        "outside": batch["outside"] * scale**2,
     }
 
 

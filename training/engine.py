@@ -16,6 +16,7 @@ from tqdm import tqdm
 from napari_deepcrop.clicks import encode_clicks
 from napari_deepcrop.model import DeepCropConfig
 
+from .data import at_size
 from .evaluate import evaluate_patches, next_click
 
 
@@ -90,7 +91,7 @@ def corrective_iterations(
                 sample_clicks.append((float(click[0]), float(click[1]), int(click[2])))
             pts = np.array([(r, c) for r, c, _ in sample_clicks], np.float32)
             labels = np.array([lab for _, _, lab in sample_clicks])
-            new_planes.append(encode_clicks(pts, labels, config, pred if config.prev_mask else None))
+            new_planes.append(encode_clicks(pts, labels, config, pred if config.prev_mask else None, size))
         planes = torch.from_numpy(np.stack(new_planes))
     for module, training in modes:
         module.training = training
@@ -154,10 +155,13 @@ def train_one_epoch(
         if max_steps is not None and step >= max_steps:
             break
         rng = np.random.default_rng([options.seed, step])
-        planes = batch["planes"]
         if corrective and rng.random() < options.iterative_prob:
+            # corrective clicks are refinements: at the refinement crops' input size, as the predictor runs them
             iterations = int(rng.integers(1, options.max_iterations + 1))
             planes = corrective_iterations(model, config, batch, iterations, device)
+        else:  # a first click: at the first-click crops' input size
+            batch = at_size(batch, config.input_size, config)
+            planes = batch["planes"]
         try:
             loss, iou = optimizer_step(model, batch, planes, optimizer, scaler, options, device)
         except FloatingPointError as exc:

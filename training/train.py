@@ -89,7 +89,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--train-only", choices=("score",),
         help="train only this head; the rest of the network stays as initialised (frozen, batch norm included)",
     )  # fmt: skip
-    p.add_argument("--input-size", type=int, default=128)
+    p.add_argument("--input-size", type=int, default=128, help="input pixels of the first click's crops")
+    p.add_argument(
+        "--refine-size", type=int,
+        help="input pixels of refinement crops (corrective clicks; default: --input-size); with --init, the "
+        "initial model's unless given",
+    )  # fmt: skip
     p.add_argument("--no-clicks", action="store_true", help="DeepMask itself: no click plane (report baseline)")
     p.add_argument("--single-click", action="store_true", help="the report's DeepCropV2: one positive plane only")
     p.add_argument("--iterative-prob", type=float, default=0.5, help="share of batches with corrective clicks")
@@ -250,6 +255,7 @@ def model_config(args: argparse.Namespace) -> DeepCropConfig:
         negative_clicks=corrective,
         prev_mask=corrective,
         score_head=args.score_head or "pooled",
+        refine_size=args.refine_size,
     )
 
 
@@ -379,6 +385,8 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         init_model, _ = load_checkpoint(args.init)
         if args.score_head is not None and args.score_head != init_model.config.score_head:
             init_model = init_model.with_score_head(args.score_head)
+        if args.refine_size is not None and args.refine_size != init_model.config.refine_size:
+            init_model = init_model.with_refine_size(args.refine_size)
         config = init_model.config
         model = init_model.to(device)
     frozen: tuple[str, ...] = ()

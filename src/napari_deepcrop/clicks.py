@@ -17,15 +17,19 @@ def encode_clicks(
     labels: np.ndarray,
     config: DeepCropConfig,
     prev_mask: np.ndarray | None = None,
+    size: int | None = None,
 ) -> np.ndarray:
     """Turn clicks in network-input pixels into the model's click planes, shape (config.click_planes, S, S).
+
+    ``size``: S, the crop's input size (None: ``config.input_size``; refinement crops use
+    ``config.refinement_size``).
 
     ``points``: (N, 2) (row, col) in input pixels (they may lie outside the crop); ``labels``: (N,) 1 positive,
     0 negative. Each click kind has one plane: the distance to the nearest click of that kind divided by half
     the input size, clipped to [0, 1] (1 where there is no click of that kind). ``prev_mask``: (S, S) mask of
     the current object in the crop, or None (zeros).
     """
-    size = config.input_size
+    size = size or config.input_size
     points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
     labels = np.asarray(labels).reshape(-1)
     if len(points) != len(labels):

@@ -4,8 +4,10 @@ The network only ever sees square crops around the clicks, resized to its input 
 :func:`napari_deepcrop.clicks.encode_clicks`, exactly as in training. A first click sends crops at several
 scales through the network in one batch and keeps the one whose score (predicted IoU) is best (training cuts
 some of its crops at these same scales, so that the score head learns to rank them); a refinement crops around
-the current mask and all clicks. Last, the mask's boundary is snapped to the image's edges
-(:mod:`napari_deepcrop.edges`). Time and memory depend on the crop, not on the image.
+the current mask and all clicks, at the network's refinement size (``config.refinement_size``, FocalClick's
+focus crop at a finer resolution: training cuts its corrective-click batches at that size too). Last, the
+mask's boundary is snapped to the image's edges (:mod:`napari_deepcrop.edges`). Time and memory depend on the
+crop, not on the image.
 """
 
 from __future__ import annotations
@@ -273,7 +275,8 @@ class DeepCropPredictor:
         points, labels = self._check_clicks(points, labels, source.shape)
         prev_mask = self._check_prev_mask(prev_mask, source.shape)
         crops = self._candidate_crops(points, labels, prev_mask, source.shape, source.max_crop_side)
-        logits, scores = self._run(source, crops, points, labels, prev_mask)
+        size = self.config.input_size if prev_mask is None else self.config.refinement_size
+        logits, scores = self._run(source, crops, points, labels, prev_mask, size)
         best = int(np.argmax(scores))
         crop, chosen = crops[best], logits[best]
         if prev_mask is None and self.zoom_in and self.config.prev_mask:
@@ -342,7 +345,8 @@ class DeepCropPredictor:
             return crop, logits, score
         crop_mask, origin = paste_logits(logits, crop, source.shape)
         zoomed = _crops_around(*extent, points, (1.0,))
-        z_logits, z_scores = self._run(source, zoomed, points, labels, PlacedMask(crop_mask, origin, source.shape))
+        prev = PlacedMask(crop_mask, origin, source.shape)
+        z_logits, z_scores = self._run(source, zoomed, points, labels, prev, self.config.refinement_size)
         return zoomed[0], z_logits[0], z_scores[0]
 
     @staticmethod
@@ -358,15 +362,17 @@ class DeepCropPredictor:
         return region, snap_to_edges(rgb, prior, region.to_input(points, size), labels)
 
     @torch.inference_mode()
-    def _run(self, source: ImageSource, crops, points, labels, prev_mask) -> tuple[np.ndarray, np.ndarray]:
-        size = self.config.input_size
+    def _run(
+        self, source: ImageSource, crops, points, labels, prev_mask, size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The network on ``crops``, each resized to ``size`` input pixels: (logits (N, size, size), scores)."""
         images, planes = [], []
         for crop in crops:
             images.append(read_crop(source.array, crop, size, source.to_float))
             prev = None
             if prev_mask is not None and self.config.prev_mask:
                 prev = read_crop(prev_mask, crop, size, lambda m: m.astype(np.float32)) > 0.5
-            planes.append(encode_clicks(crop.to_input(points, size), labels, self.config, prev))
+            planes.append(encode_clicks(crop.to_input(points, size), labels, self.config, prev, size))
         image_t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)
         planes_t = torch.from_numpy(np.stack(planes)).to(self.device, memory_format=torch.channels_last)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
