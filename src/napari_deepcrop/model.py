@@ -351,7 +351,8 @@ class DeepCropV2(nn.Module):
 
     @torch.no_grad()
     def _swap_statistics(self, size: int, store: bool) -> None:
-        """Store the running statistics into size ``store``'s buffers (after training at it), or load size's."""
+        """``store``: copy the running statistics into ``size``'s buffers (after a training pass at that size);
+        else load ``size``'s buffers into the running statistics (before any pass at it)."""
         for bn in self._batch_norms:
             mean, var = getattr(bn, f"running_mean_{size}"), getattr(bn, f"running_var_{size}")
             if store:
