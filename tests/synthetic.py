@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -37,6 +40,31 @@ class DiskObjects(Dataset):
         center = rng.uniform(radius, 256 - radius, size=2)
         image, mask = disk_image(256, center, radius, seed=i)
         return make_sample(image, mask, self.config, rng, train=True)
+
+
+class BrightNet(nn.Module):
+    """A stand-in for DeepCropV2 without learned weights: foreground where the image, averaged over 5 x 5 input
+    pixels, is brighter than ``level`` (of the network's [0, 1] input); the score falls with the share of the
+    crop's border that is foreground (a crop that cuts the object is a worse one).
+
+    The bright disks of :func:`disk_image` (mean 180 on noise of mean 70, sd 25, at contrast limits (0, 255))
+    come out whole, and noise alone gives nothing. Tests of what runs around the network (the walk through a
+    stack, its stops and corrections, the crops it reads) use it so that they give the same result on every
+    machine: a network trained at test time differs with the CPU's float rounding, and its borderline masks
+    then move a walk's stop by a slice.
+    """
+
+    def __init__(self, config, level: float = 0.5) -> None:
+        super().__init__()
+        self.config, self.level = config, level
+
+    def forward(self, image: torch.Tensor, planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bright = F.avg_pool2d(image.mean(1, keepdim=True), 5, stride=1, padding=2, count_include_pad=False)
+        logits = (bright - self.level) * 50
+        fg = logits[:, 0] > 0
+        border = torch.cat([fg[:, 0], fg[:, -1], fg[:, :, 0], fg[:, :, -1]], dim=1).float().mean(1)
+        score = (0.95 - 0.9 * border).clamp(0.01, 0.99)
+        return logits, torch.logit(score)
 
 
 DISK_CENTERS = ((24, 24), (24, 70), (70, 26), (70, 70))

@@ -36,8 +36,8 @@ from napari.qt.threading import create_worker
 from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from napari.utils.transforms import CompositeAffine
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QMenu, QMessageBox
-from superqt.utils import ensure_main_thread
 
 from . import _llvm_guard  # noqa: F401  (before the modules that import torch)
 from ._writer import _file_stem
@@ -149,6 +149,16 @@ class _Outcome:
 Report = Callable[[str, int], None]  # (description, progress value); raises _Cancelled
 
 
+class _ProgressRelay(QObject):
+    """Carries a task's progress reports from its worker thread to the main thread: one QObject's signal, made
+    once on the main thread, which Qt queues across threads. superqt's ``ensure_main_thread`` makes a QObject per
+    call and destroys it on whichever thread drops it last; under PyQt6 that deadlocked a test run once (the
+    main thread holding the GIL and waiting for Qt's connection lock, the worker holding the lock and waiting
+    for the GIL)."""
+
+    report = Signal(object, str, int)  # (progress bar, description, value)
+
+
 def _run_task(work: Callable[[Report], Any], report: Report) -> _Outcome:
     """The worker of an export or fine-tune: never raises, so every error reaches the user as a notification."""
     try:
@@ -257,6 +267,8 @@ class DeepCropWidget(Container):
         self._task = None  # the export or fine-tune running, one at a time
         self.fine_tune_result: FinetuneResult | None = None  # the last fine-tune's
         self._progress: cancelable_progress | None = None
+        self._relay = _ProgressRelay(self.native)  # made here, on the main thread, whose slot it queues to
+        self._relay.report.connect(self._show_progress)
         self._cancel_requested = threading.Event()
         self._folder: Path | None = None  # where dialogs start: the last export, or the open dataset
         self._committed: tuple[Labels, int, tuple[int, ...], ObjectMask] | None = None  # the last commit's
@@ -975,13 +987,12 @@ class DeepCropWidget(Container):
         def report(description: str, value: int) -> None:  # on the worker thread
             if self._cancel_requested.is_set() or bar.is_canceled:  # our button, or napari's activity dock
                 raise _Cancelled
-            self._show_progress(bar, description, value)
+            self._relay.report.emit(bar, description, value)
 
         finished = partial(self._task_done, done, cancelled)
         self._task = create_worker(_run_task, work, report, _connect={"returned": finished})
         return True
 
-    @ensure_main_thread
     def _show_progress(self, bar: cancelable_progress, description: str, value: int) -> None:
         if bar is not self._progress:  # a late report of a task that has finished
             return
