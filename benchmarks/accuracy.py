@@ -52,6 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--refine-size", type=int, default=None,
         help="run the model's refinement crops at this input size instead of its own (an ablation of the focus crop)",
     )  # fmt: skip
+    parser.add_argument(
+        "--refine-factors", type=float, nargs="+", default=None,
+        help="the refinement crops of a further click (the mask's box filling REFINE_RATIO of the first, each "
+        "factor times that side; the best by score), instead of the predictor's (1.0, 1.5)",
+    )  # fmt: skip
     parser.add_argument("--max-clicks", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="a fixed-seed random subset of N images")
     parser.add_argument("--output", type=Path, default=None, help="write summaries and IoU curves as JSON")
@@ -66,7 +71,10 @@ def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
         model, _ = load_checkpoint(args.checkpoint)
         if args.refine_size is not None:
             model = model.with_refine_size(args.refine_size)
-        return DeepCropPredictor(model, device=args.device, **DEEPCROP[name])
+        predictor = DeepCropPredictor(model, device=args.device, **DEEPCROP[name])
+        if args.refine_factors is not None:
+            predictor.refine_factors = tuple(args.refine_factors)
+        return predictor
     return BASELINES[name]()
 
 
@@ -101,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "max_clicks": args.max_clicks,
         "checkpoint": args.checkpoint or "bundled",
         "refine_size": args.refine_size,
+        "refine_factors": args.refine_factors,
         "methods": {},
     }
     for name in args.methods:

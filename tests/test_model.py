@@ -1,3 +1,6 @@
+import copy
+import threading
+
 import pytest
 import torch
 
@@ -85,6 +88,35 @@ def test_each_input_size_keeps_its_own_batch_norm_statistics():
         shared = DeepCropV2(DeepCropConfig(input_size=64, decoder_width=8)).eval()
         shared.load_state_dict({k: state.get(f"{k}_96", v) for k, v in state.items() if not k.endswith(("_64", "_96"))})
         assert not torch.equal(shared(image, planes)[0], at_64)
+
+
+def test_passes_at_two_sizes_from_two_threads_each_use_their_own_statistics():
+    """A click (first-click size) predicted while a stack propagates (refinement size) shares the network: each
+    pass must see its own size's statistics all through, as it does alone."""
+    torch.manual_seed(0)
+    model = DeepCropV2(DeepCropConfig(input_size=64, refine_size=96, decoder_width=8)).eval()
+    for bn in model._batch_norms:  # statistics far apart per size, so that a pass on the wrong ones shows
+        bn.running_mean_64.uniform_(-1, 1)
+        bn.running_mean_96.uniform_(-1, 1)
+        bn.running_var_96.uniform_(2, 4)
+    inputs = {s: (torch.rand(2, 3, s, s), torch.rand(2, 3, s, s)) for s in (64, 96)}
+    with torch.no_grad():
+        alone = {s: model(*inputs[s])[0] for s in (64, 96)}
+    wrong = []
+
+    def passes(size: int) -> None:
+        with torch.no_grad():
+            for _ in range(40):
+                if not torch.equal(model(*inputs[size])[0], alone[size]):
+                    wrong.append(size)
+
+    threads = [threading.Thread(target=passes, args=(s,)) for s in (64, 96)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"{len(wrong)} of 80 passes ran on another size's statistics"
+    assert copy.deepcopy(model)(*inputs[96])[0].equal(alone[96])  # a copy has its own lock
 
 
 def test_with_refine_size_keeps_the_weights_and_each_sizes_statistics():

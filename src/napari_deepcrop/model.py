@@ -11,6 +11,9 @@ The trunk is a ResNet (the report's) or an EfficientNet-Lite, whose ImageNet wei
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -280,6 +283,33 @@ class _MaskScoreHead(nn.Module):
         return self.fc(pooled).squeeze(1)
 
 
+class _SizeLock:
+    """Passes at one input size may run together; a pass at another size waits until they are done.
+
+    The per-size batch norm statistics are loaded into the layers before each pass, so two threads sharing one
+    network at two sizes (a click predicted while a stack propagates) would otherwise change each other's
+    statistics in the middle of a pass."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._size: int | None = None
+        self._passes = 0
+
+    @contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        with self._changed:
+            while self._passes and self._size != size:
+                self._changed.wait()
+            self._size = size
+            self._passes += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._passes -= 1
+                self._changed.notify_all()
+
+
 class DeepCropV2(nn.Module):
     """Image + click planes (B, 3 + click_planes, S, S) -> mask logits (B, 1, S, S) and score logits (B,)."""
 
@@ -308,6 +338,7 @@ class DeepCropV2(nn.Module):
         # statistics fit neither size: measured on the validation patches (first click, 128 px) after 3 epochs of
         # 128 / 192 px training, mean IoU 55.1 % with shared statistics, 61.3 % with 128-px ones re-estimated.
         self._batch_norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._size_lock = _SizeLock()
         if len(self.config.sizes) > 1:
             for bn in self._batch_norms:
                 for size in self.config.sizes:
@@ -371,12 +402,26 @@ class DeepCropV2(nn.Module):
             raise ValueError(f"inputs must be {sizes}, got {tuple(image.shape)} and {tuple(click_planes.shape)}")
         if click_planes.shape[1] != self.config.click_planes:
             raise ValueError(f"expected {self.config.click_planes} click planes, got {click_planes.shape[1]}")
-        per_size = len(self.config.sizes) > 1
-        if per_size:
+        if len(self.config.sizes) == 1:
+            return self._forward(image, click_planes, size)
+        with self._size_lock.hold(size):
             self._swap_statistics(size, store=False)
+            out = self._forward(image, click_planes, size)
+            if self.training:
+                self._swap_statistics(size, store=True)
+            return out
+
+    def _forward(self, image: torch.Tensor, click_planes: torch.Tensor, size: int):
         x = torch.cat([(image - self.mean) / self.std, click_planes], dim=1)
         feats = self.trunk(x)
         mask_logits = self.mask_head(feats, size)
-        if per_size and self.training:
-            self._swap_statistics(size, store=True)
         return mask_logits, self.score_head(feats[-1], mask_logits)
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy and pickle: a lock is not copied, a new one made
+        state = dict(super().__getstate__())
+        state.pop("_size_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._size_lock = _SizeLock()
