@@ -42,9 +42,7 @@ METHODS = (*DEEPCROP, *BASELINES)
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--dataset", type=Path, default=DEFAULT_DATASET, help="GrabCut layout, img/+gt/ or COCO"
-    )
+    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="GrabCut layout, img/+gt/ or COCO")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--checkpoint", default=None, help="DeepCropV2 checkpoint (default: the bundled one)")
     parser.add_argument("--device", default=None, help="device of the model (default: cuda if available)")
@@ -55,8 +53,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--refine-factors", type=float, nargs="+", default=None,
         help="the refinement crops of a further click (the mask's box filling REFINE_RATIO of the first, each "
-        "factor times that side; the best by score), instead of the predictor's (1.0, 1.5)",
+        "factor times that side; the best by score), instead of the predictor's (1.0,)",
     )  # fmt: skip
+    parser.add_argument(
+        "--focus-ratio",
+        type=float,
+        default=None,
+        help="a further click's focus crop around it, the object's extent this many times its side, instead of the "
+        "predictor's FOCUS_RATIO; 0: no focus crop",
+    )
     parser.add_argument("--max-clicks", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="a fixed-seed random subset of N images")
     parser.add_argument("--output", type=Path, default=None, help="write summaries and IoU curves as JSON")
@@ -74,6 +79,8 @@ def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
         predictor = DeepCropPredictor(model, device=args.device, **DEEPCROP[name])
         if args.refine_factors is not None:
             predictor.refine_factors = tuple(args.refine_factors)
+        if args.focus_ratio is not None:
+            predictor.focus_ratio = args.focus_ratio or None
         return predictor
     return BASELINES[name]()
 
@@ -85,9 +92,7 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
-        ]
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
         cpu = names[0] if names else cpu
     return {
         "cpu": cpu,
@@ -110,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "checkpoint": args.checkpoint or "bundled",
         "refine_size": args.refine_size,
         "refine_factors": args.refine_factors,
+        "focus_ratio": args.focus_ratio,
         "methods": {},
     }
     for name in args.methods:

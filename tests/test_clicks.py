@@ -51,9 +51,7 @@ def test_same_clicks_give_same_planes_in_training_and_inference():
     image = np.zeros((300, 300, 3), np.uint8)
     mask = np.zeros((300, 300), bool)
     mask[100:201, 120:181] = True
-    click = np.array(
-        [[150, 150]]
-    )  # the rectangle's deepest point: where the protocol (and validation) clicks
+    click = np.array([[150, 150]])  # the rectangle's deepest point: where the protocol (and validation) clicks
     sample = make_sample(image, mask, CONFIG, np.random.default_rng(0), train=False)
     predictor = DeepCropPredictor(DeepCropV2(CONFIG))
     crops = predictor._candidate_crops(click.astype(float), np.array([1]), None, mask.shape)
@@ -107,3 +105,24 @@ def test_ladder_crops_are_cut_at_the_predictors_first_click_scales():
     relative = [implied_side(make_sample(image, mask, CONFIG, np.random.default_rng(s), True)) for s in range(12)]
     low, high = 120 / RATIO_RANGE[1], 120 / RATIO_RANGE[0]
     assert all(0.85 * low <= side <= 1.15 * high for side in relative), relative
+
+
+def test_focus_crops_sit_on_the_boundary_with_their_click_on_the_object():
+    """With focus_prob=1 every training crop is a focus crop as the predictor cuts one around a further click: the
+    object 1.5-3x its side (shown by the object's pixels in and cut off by the crop), both object and background
+    in it (on the boundary), and its positive click on the object."""
+    from napari_deepcrop.training.data import FOCUS_RATIO_RANGE, make_sample
+
+    image = np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    mask = np.zeros((300, 300), bool)
+    mask[60:240, 80:200] = True  # extent 180
+    for seed in range(16):
+        sample = make_sample(image, mask, CONFIG, np.random.default_rng(seed), True, focus_prob=1.0)
+        gt = sample["mask"][0].numpy().astype(bool)
+        side = 64 * np.sqrt(mask.sum() / float(gt.sum() + sample["outside"]))
+        assert 0.9 * 180 / FOCUS_RATIO_RANGE[1] <= side <= 1.1 * 180 / FOCUS_RATIO_RANGE[0], (seed, side)
+        assert 0.02 < gt.mean() < 0.98, (seed, gt.mean())
+        (row, col, label) = sample["clicks"][0].tolist()
+        assert label == 1 and gt[round(row), round(col)], (seed, row, col)
+    ordinary = make_sample(image, mask, CONFIG, np.random.default_rng(0), True)
+    assert float(ordinary["outside"]) < 0.3 * mask.sum() * (64 / 180) ** 2  # not a focus crop: the object in it

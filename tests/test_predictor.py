@@ -246,5 +246,47 @@ def test_refinement_crops_run_at_the_refinement_size_and_first_click_scales_at_t
     assert seen == [(len(first_click_sides(image.shape)), 3, 64, 64), (1, 3, 96, 96)]
     seen.clear()
     refined, _ = p.predict(np.array([[260, 240], [100, 100]]), np.array([1, 0]), prev_mask=first)
-    assert seen == [(len(p.refine_factors), 3, 96, 96)]
+    assert seen == [(len(p.refine_factors), 3, 96, 96), (1, 3, 96, 96)]  # the object's crop(s), the focus crop
     assert refined.shape == truth.shape and refined[260, 240] and not refined[100, 100]
+
+
+def test_the_focus_crop_refines_the_boundary_near_the_newest_click_on_a_finer_grid(monkeypatch):
+    """A large disk with a thin slot cut into it: the object's refinement crop (1000 image px at 96 input px)
+    is too coarse to see the slot; the focus crop around a click next to it is fine enough, and changes the mask
+    near that click only. BrightNet, the fixed stand-in network, makes the masks the same on every machine."""
+    from synthetic import BrightNet
+
+    image, disk = disk_image(1024, (512, 512), 300, seed=5, channels=3)
+    slot = np.zeros_like(disk)
+    slot[500:524, 212:420] = True  # 24 px wide, 208 px deep, from the disk's left edge inwards
+    image[slot] = 70
+    truth = disk & ~slot
+    net = BrightNet(DeepCropConfig(input_size=64, refine_size=96, decoder_width=8))
+    predictor = DeepCropPredictor(net, device="cpu", snap_edges=False)
+    predictor.refine_factors, predictor.focus_ratio = (1.0, 1.5), None
+    predictor.set_image(image, contrast_limits=(0, 255))
+    points, labels = np.array([[512.0, 512.0], [512.0, 300.0]]), np.array([1, 0])  # a negative click in the slot
+    passes = []
+    run = DeepCropPredictor._run
+
+    def counting(self, source, crops, *args):
+        passes.append(len(crops))
+        return run(self, source, crops, *args)
+
+    monkeypatch.setattr(DeepCropPredictor, "_run", counting)
+    plain, _ = predictor.predict(points, labels, prev_mask=disk)
+    predictor.focus_ratio = 1.5
+    focused, _ = predictor.predict(points, labels, prev_mask=disk)
+    assert passes == [2, 2, 1]  # the object's two crops, then those and one focus crop
+    near = np.zeros_like(disk)
+    near[412:612, 200:500] = True  # around the slot and the click
+    assert iou(focused & near, truth & near) > iou(plain & near, truth & near) + 0.05
+    far = np.zeros_like(disk)
+    far[:, 700:] = True  # the focus crop, 400 px around (512, 300), does not reach here
+    assert iou(focused & far, plain & far) > 0.995  # the same mask, resampled once more
+    # a small object's crop is already near full resolution: no focus pass
+    small, small_truth = disk_image(256, (128, 128), 30, seed=6, channels=3)
+    predictor.set_image(small, contrast_limits=(0, 255))
+    passes.clear()
+    predictor.predict(np.array([[128.0, 128.0]]), np.array([1]), prev_mask=small_truth)
+    assert passes == [2]

@@ -298,17 +298,22 @@ def test_the_walk_predicts_one_refinement_crop_per_slice_and_leaves_the_predicto
     bright_predictor, monkeypatch
 ):
     stack, truth = blob_stack(8)
-    batches = []
+    batches, focus = [], set()
     run = DeepCropPredictor._run
 
     def counting(self, source, crops, *args):
         batches.append(len(crops))
+        focus.add(self.focus_ratio)
         return run(self, source, crops, *args)
 
     monkeypatch.setattr(DeepCropPredictor, "_run", counting)
+    monkeypatch.setattr(bright_predictor, "refine_factors", (1.0, 1.5))
+    monkeypatch.setattr(bright_predictor, "focus_ratio", 1.5)
     volume = segment_volume(bright_predictor, stack, (4,), ObjectMask.from_full(truth[4]))
-    assert len(volume.masks) == 8 and batches and set(batches) == {1}  # one crop per slice, not (1.0, 1.5)
-    assert bright_predictor.refine_factors == (1.0, 1.5)
+    assert len(volume.masks) == 8 and batches == [1] * 7  # one crop per slice: not (1.0, 1.5), no focus crop
+    assert focus == {None}
+    assert bright_predictor.refine_factors == (1.0, 1.5) and bright_predictor.focus_ratio == 1.5  # as they were
     batches.clear()
+    monkeypatch.setattr(bright_predictor, "focus_ratio", None)
     predict_object(bright_predictor, stack[4], ((40, 50, 1), (60, 70, 0)), volume.masks[4], (0, 255))
     assert batches == [2]  # a refinement click still weighs both crops

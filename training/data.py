@@ -34,6 +34,9 @@ MAX_CLICKS = 24
 # object extent / crop side, drawn log-uniformly: wider than the predictor's scale steps, so that the score head
 # also learns what a too-small or too-large crop looks like
 RATIO_RANGE = (0.3, 1.4)
+# a focus sample (the predictor's focus crop, FocalClick's): a crop on the object's boundary, the object's extent
+# this many times its side (the predictor's FOCUS_RATIO is 2.0)
+FOCUS_RATIO_RANGE = (1.5, 3.0)
 VAL_RATIO_RANGE = (0.45, 0.9)
 
 
@@ -56,11 +59,7 @@ def default_images_dir(annotation_file: Path) -> Path:
     """COCO layout (annotations/instances_val2017.json -> val2017/) or this plugin's export (images beside it)."""
     stem = annotation_file.stem.split("_", 1)[-1]
     candidate = annotation_file.parent.parent / stem
-    return (
-        candidate
-        if annotation_file.parent.name == "annotations" and candidate.is_dir()
-        else annotation_file.parent
-    )
+    return candidate if annotation_file.parent.name == "annotations" and candidate.is_dir() else annotation_file.parent
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,8 @@ class CocoObjects(Dataset):
     Images are decoded once, up front, and shared with data-loader workers by fork: no per-sample JSON parsing or
     JPEG decoding. ``exclude`` drops images by file name (e.g. validation images from a training set).
     ``ladder_prob`` is the share of training crops cut at one of the predictor's first-click scales
-    (:func:`~napari_deepcrop.predictor.first_click_sides`) rather than at a scale relative to the object.
+    (:func:`~napari_deepcrop.predictor.first_click_sides`) rather than at a scale relative to the object;
+    ``focus_prob`` the share cut as the predictor's focus crops (see :func:`make_sample`).
     """
 
     def __init__(
@@ -100,8 +100,9 @@ class CocoObjects(Dataset):
         exclude: set[str] | frozenset[str] = frozenset(),
         only: set[str] | None = None,
         ladder_prob: float = 0.0,
+        focus_prob: float = 0.0,
     ) -> None:
-        self.config, self.train, self.ladder_prob = config, train, ladder_prob
+        self.config, self.train, self.ladder_prob, self.focus_prob = config, train, ladder_prob, focus_prob
         self.cocos = [_load_coco(s.annotation_file) for s in sources]
         self.images: list[np.ndarray] = []
         self.file_names: list[str] = []
@@ -139,7 +140,7 @@ class CocoObjects(Dataset):
         obj = self.objects[index]
         image = self.images[obj.image_index]
         mask = self.cocos[obj.source_index].annToMask(obj.annotation).astype(bool)
-        return make_sample(image, mask, self.config, rng, self.train, self.ladder_prob)
+        return make_sample(image, mask, self.config, rng, self.train, self.ladder_prob, self.focus_prob)
 
 
 def make_sample(
@@ -149,30 +150,37 @@ def make_sample(
     rng: np.random.Generator,
     train: bool,
     ladder_prob: float = 0.0,
+    focus_prob: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """One training (or validation) sample of an object ``mask`` in an RGB uint8 ``image``.
 
     The crop's side is drawn relative to the object (``RATIO_RANGE``), or, with probability ``ladder_prob``,
     among the sides a first click tries on this image, however small or large the object is in them: what the
-    score head has to rank at inference.
+    score head has to rank at inference. With probability ``focus_prob`` it is a focus crop, as the predictor
+    cuts around a further click: centred near a point of the object's boundary, the object's extent
+    ``FOCUS_RATIO_RANGE`` times its side, its positive click inside the object within the crop (a corrective batch
+    adds the further clicks at its errors, and its previous mask, as for any other crop).
 
     Training samples are cut at ``config.refinement_size`` (the input size of refinement crops; the engine
     resamples the batches it trains on first clicks to ``config.input_size`` with :func:`at_size`), validation
     samples at ``config.input_size``.
     """
     size = config.refinement_size if train else config.input_size
-    click = _sample_click(mask, rng, protocol_click=not train or rng.random() < 0.35)
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
-    low, high = RATIO_RANGE if train else VAL_RATIO_RANGE
-    if train and ladder_prob > 0 and rng.random() < ladder_prob:
-        side = float(rng.choice(first_click_sides(mask.shape)))
+    if train and focus_prob > 0 and rng.random() < focus_prob:
+        crop, click = _focus_crop(mask, extent, rng)
     else:
-        side = max(extent / math.exp(rng.uniform(math.log(low), math.log(high))), 16.0)
-    center = np.asarray(click, float)
-    if train:
-        center = center + rng.uniform(-0.1, 0.1, size=2) * side
-    crop = Crop.centered(tuple(center), side)
+        click = _sample_click(mask, rng, protocol_click=not train or rng.random() < 0.35)
+        low, high = RATIO_RANGE if train else VAL_RATIO_RANGE
+        if train and ladder_prob > 0 and rng.random() < ladder_prob:
+            side = float(rng.choice(first_click_sides(mask.shape)))
+        else:
+            side = max(extent / _log_uniform(rng, low, high), 16.0)
+        center = np.asarray(click, float)
+        if train:
+            center = center + rng.uniform(-0.1, 0.1, size=2) * side
+        crop = Crop.centered(tuple(center), side)
     rgb = read_crop(image, crop, size, lambda r: r.astype(np.float32) / 255.0)
     gt = read_crop(mask, crop, size, lambda m: m.astype(np.float32)) > 0.5
     points = crop.to_input(np.array([click]), size)
@@ -183,7 +191,7 @@ def make_sample(
         if rng.random() < 0.5:
             rgb, gt = rgb[:, ::-1], gt[:, ::-1]
             points = points * [1, -1] + [0, size - 1]
-    outside = max(0.0, float(mask.sum()) * (size / side) ** 2 - float(gt.sum()))
+    outside = max(0.0, float(mask.sum()) * (size / crop.side) ** 2 - float(gt.sum()))
     clicks = np.full((MAX_CLICKS, 3), -1.0, np.float32)
     clicks[: len(points), :2], clicks[: len(points), 2] = points, labels
     return {
@@ -218,6 +226,23 @@ def at_size(batch: dict[str, torch.Tensor], size: int, config: DeepCropConfig) -
         "clicks": clicks,
         "outside": batch["outside"] * scale**2,
     }
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+def _focus_crop(mask: np.ndarray, extent: int, rng: np.random.Generator) -> tuple[Crop, tuple[int, int]]:
+    """A focus crop of ``mask`` (centred near a boundary point, the extent FOCUS_RATIO_RANGE times its side) and a
+    positive click in the part of the object it holds."""
+    side = max(extent / _log_uniform(rng, *FOCUS_RATIO_RANGE), 16.0)
+    boundary = np.argwhere(mask & ~ndimage.binary_erosion(mask, border_value=0))
+    center = boundary[rng.integers(len(boundary))] + rng.uniform(-0.15, 0.15, size=2) * side
+    crop = Crop.centered(tuple(center), side)
+    r0, r1, c0, c1 = crop.bounds(mask.shape)
+    held = np.zeros_like(mask)
+    held[r0:r1, c0:c1] = mask[r0:r1, c0:c1]
+    return crop, _sample_click(held if held.any() else mask, rng, protocol_click=False)
 
 
 def _sample_click(mask: np.ndarray, rng: np.random.Generator, protocol_click: bool) -> tuple[int, int]:

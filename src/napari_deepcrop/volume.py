@@ -57,7 +57,7 @@ CONTRAST_MARGIN = 1.0
 TRACK_MARGIN = 0.5
 TRACK_SIDE = 64
 # the refinement crop of each slice: the moved mask's box filling REFINE_RATIO of it (the predictor's first
-# refinement crop alone, not also its 1.5x one: a slice's object changes little from the last)
+# refinement crop alone, not also its 1.5x one, nor a focus crop: a slice's object changes little from the last)
 PROPAGATION_FACTORS = (1.0,)
 
 OnSlice = Callable[[int, ObjectMask | None], None]  # (index along the axis, its mask or None); may raise to stop
@@ -284,6 +284,7 @@ def walk(
     # the caller's predictor stays as it is: a copy, with one refinement crop per slice
     predictor = copy.copy(predictor)
     predictor.refine_factors = PROPAGATION_FACTORS
+    predictor.focus_ratio = None  # a slice's click is its mask's deepest point, not a correction to focus on
     if contrast_limits is None:
         contrast_limits = contrast_around(read_slice(stack, volume.plane_at(start)), volume.masks[start])
     if len(directions) == 1:
@@ -343,9 +344,7 @@ def segment_volume(
     shape = stack_shape(stack)
     plane = tuple(int(p) for p in plane)
     if not plane:
-        raise ValueError(
-            f"propagation needs a stack (a 3D volume or a time series), got a 2D image of shape {shape}"
-        )
+        raise ValueError(f"propagation needs a stack (a 3D volume or a time series), got a 2D image of shape {shape}")
     if len(plane) > len(shape) - 2 or any(not 0 <= p < n for p, n in zip(plane, shape, strict=False)):
         raise ValueError(f"slice {plane} is not in the stack of shape {shape}")
     if not seed.any():
