@@ -56,12 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "factor times that side; the best by score), instead of the predictor's (1.0,)",
     )  # fmt: skip
     parser.add_argument(
-        "--focus-ratio",
-        type=float,
-        default=None,
+        "--focus-ratio", type=float, default=None,
         help="a further click's focus crop around it, the object's extent this many times its side, instead of the "
         "predictor's FOCUS_RATIO; 0: no focus crop",
-    )
+    )  # fmt: skip
     parser.add_argument("--max-clicks", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="a fixed-seed random subset of N images")
     parser.add_argument("--output", type=Path, default=None, help="write summaries and IoU curves as JSON")
