@@ -300,21 +300,23 @@ def test_train_only_score_changes_the_score_head_alone(coco, tmp_path):
     assert type(model.score_head) is type(fresh.score_head) and model.config.score_head == "mask"
 
 
-def test_the_recipe_config_is_three_stages_and_names_real_data(tmp_path):
+def test_the_recipe_config_is_four_stages_and_names_real_data(tmp_path):
     """The recipe: objects from the ImageNet Lite0 trunk, then ladder crops from its last weights, then refinement
-    crops at 192 px from those, one command."""
+    crops at 192 px from those, then at 256 px, one command."""
     from pathlib import Path
 
     config = Path(train.__file__).parent / "configs" / "default.toml"
     stages = train.parse_stages(["--config", str(config), "--output-dir", str(tmp_path)])
-    objects, ladder, focus = stages
+    objects, ladder, focus, focus256 = stages
     assert (objects.epochs, objects.ladder_prob, objects.init, objects.lr) == (14, 0.0, None, 1e-3)
     assert (ladder.epochs, ladder.ladder_prob, ladder.lr) == (5, 0.3, 3e-4)
     assert (focus.epochs, focus.ladder_prob, focus.lr, focus.refine_size) == (10, 0.3, 3e-4, 192)
+    assert (focus256.epochs, focus256.ladder_prob, focus256.lr, focus256.refine_size) == (10, 0.3, 2e-4, 256)
     assert objects.refine_size is None and ladder.refine_size is None
     assert all(a.trunk == "efficientnet_lite0" and a.pretrained == "imagenet" for a in stages)
     assert ladder.init == tmp_path / "objects" / "checkpoint.pt" and ladder.output_dir == tmp_path / "ladder"
     assert focus.init == tmp_path / "ladder" / "checkpoint.pt" and focus.output_dir == tmp_path / "focus"
+    assert focus256.init == tmp_path / "focus" / "checkpoint.pt" and focus256.output_dir == tmp_path / "focus256"
     assert all(a.head == "refine" and a.input_size == 128 and a.samples_per_epoch == 3000 for a in stages)
     paths = [*objects.data_path, *objects.val_data_path]
     if not paths[0].exists():
