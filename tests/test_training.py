@@ -436,3 +436,50 @@ def test_resume_and_test_only_take_one_run_not_a_recipe(coco, tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.parse_stages(["--config", str(config), *flag])
         assert "give the same command again" in capsys.readouterr().err
+
+
+def test_paste_object_puts_the_object_onto_the_other_image_and_leaves_the_rest_of_it():
+    """Copy-paste: the object's own pixels inside its new mask, the other image's pixels untouched away from it, at
+    a scale within PASTE_SCALE_RANGE (or down to fit a smaller image), and the same draw for the same seed."""
+    from scipy import ndimage
+
+    from napari_deepcrop.training.data import PASTE_SCALE_RANGE, paste_object
+
+    image = np.full((120, 160, 3), 90, np.uint8)
+    mask = np.zeros((120, 160), bool)
+    mask[30:70, 50:110] = True  # a 40 x 60 red box
+    image[mask] = (220, 20, 20)
+    background = np.random.default_rng(1).integers(0, 60, (200, 240, 3)).astype(np.uint8)
+    for seed in range(5):
+        out, pasted = paste_object(image, mask, background, np.random.default_rng(seed))
+        again, pasted_again = paste_object(image, mask, background, np.random.default_rng(seed))
+        assert np.array_equal(out, again) and np.array_equal(pasted, pasted_again)
+        assert out.shape == background.shape and pasted.shape == background.shape[:2]
+        assert PASTE_SCALE_RANGE[0] ** 2 * 0.9 < pasted.sum() / mask.sum() < PASTE_SCALE_RANGE[1] ** 2 * 1.1
+        inner = ndimage.binary_erosion(pasted, iterations=3)
+        assert inner.any() and (np.abs(out[inner].astype(int) - (220, 20, 20)) <= 2).all()
+        away = ~ndimage.binary_dilation(pasted, iterations=4)
+        assert np.array_equal(out[away], background[away])
+    small = background[:30, :45]  # smaller than the object: scaled down to fit
+    out, pasted = paste_object(image, mask, small, np.random.default_rng(0))
+    assert out.shape == small.shape and pasted.any() and pasted.sum() <= 30 * 45
+
+
+def test_paste_prob_pastes_training_objects_and_zero_leaves_the_samples_as_they_were(coco):
+    """paste_prob=1: every training sample is its object on another image (the crop then differs from the
+    unpasted one of the same seed, its mask still the object's); paste_prob=0 draws exactly what it drew before."""
+    from napari_deepcrop.training.data import CocoObjects, CocoSource
+
+    config = DeepCropConfig(input_size=64)
+    plain = CocoObjects([CocoSource.from_paths(coco)], config, True)
+    pasted = CocoObjects([CocoSource.from_paths(coco)], config, True, paste_prob=1.0)
+    again = CocoObjects([CocoSource.from_paths(coco)], config, True, paste_prob=0.0)
+    changed = 0
+    for i in range(len(plain)):
+        a, b, c = plain[(i, 7)], pasted[(i, 7)], again[(i, 7)]
+        assert all(torch.equal(a[k], c[k]) for k in a)
+        changed += not torch.equal(a["image"], b["image"])
+        # the disk, pasted: bright under its mask (the other image's own disk, unmasked, lifts the rest's mean)
+        assert b["mask"].sum() > 0
+        assert b["image"].mean(0)[b["mask"][0] > 0].mean() > b["image"].mean(0)[b["mask"][0] == 0].mean() + 0.1
+    assert changed == len(plain)

