@@ -1,9 +1,10 @@
 """Edge snapping: GrabCut, seeded by the network's mask, moves a coarse boundary onto the object's edges."""
 
 import numpy as np
+from scipy import ndimage
 from synthetic import blocks_image, disk_image
 
-from napari_deepcrop.edges import snap_to_edges
+from napari_deepcrop.edges import SURE_LOGIT, snap_to_edges
 from napari_deepcrop.predictor import DeepCropPredictor, ImageSource
 
 
@@ -16,17 +17,47 @@ def coarse(mask: np.ndarray, shift: int) -> np.ndarray:
     return np.where(np.roll(mask, shift, axis=(0, 1)), 2.0, -2.0).astype(np.float32)
 
 
+def ramp(mask: np.ndarray, per_pixel: float, limit: float = 8.0) -> np.ndarray:
+    """A network's logits: ``per_pixel`` times the signed distance to the mask's boundary (> 0 inside), clipped
+    at +-``limit``: unsure near the boundary, sure away from it."""
+    inside, outside = ndimage.distance_transform_edt(mask), ndimage.distance_transform_edt(~mask)
+    return np.clip(per_pixel * np.where(mask, inside, 1 - outside), -limit, limit).astype(np.float32)
+
+
 def test_a_shifted_mask_snaps_onto_the_object():
     image, mask = disk_image(160, (80, 80), 45, seed=1)
     prior = coarse(mask, 6)
-    snapped = snap_to_edges(image / 255.0, prior, np.array([[80, 80]]), np.array([1])) > 0
+    snapped = snap_to_edges(image / 255.0, prior, np.array([[80, 80]]), np.array([1]), sure_logit=None) > 0
     assert iou(prior > 0, mask) < 0.8 and iou(snapped, mask) > 0.93
+
+
+def test_where_the_network_is_unsure_the_boundary_snaps_and_where_it_is_sure_it_stays():
+    """Sure seeds (SURE_LOGIT): a boundary 4 px off, inside the network's unsure band, still snaps onto the
+    object; a wedge of the object in the background's colours, which GrabCut alone cuts away, stays object where
+    the network is sure of it."""
+    image, mask = disk_image(160, (80, 80), 45, seed=1)
+    prior = ramp(np.roll(mask, 4, axis=(0, 1)), 0.25)  # unsure (|logit| <= 2) within 8 px of its boundary
+    snapped = snap_to_edges(image / 255.0, prior, np.array([[80, 80]]), np.array([1]), sure_logit=2.0) > 0
+    assert iou(prior > 0, mask) < 0.87 and iou(snapped, mask) > 0.93
+
+    rr, cc = np.mgrid[:160, :160]
+    wedge = mask & (rr < 80) & (cc > 80)  # a quarter of the disk, the background's colours
+    image = image.copy()
+    image[wedge] = np.random.default_rng(7).normal(70, 25, (wedge.sum(), 3)).clip(0, 255)
+    sure = ramp(mask, 0.5)
+    clicks, labels = np.array([[100, 60]]), np.array([1])
+    alone = snap_to_edges(image / 255.0, sure, clicks, labels, sure_logit=None) > 0
+    seeded = snap_to_edges(image / 255.0, sure, clicks, labels, sure_logit=SURE_LOGIT) > 0
+    deep = wedge & (sure > SURE_LOGIT)  # the wedge where the network is sure
+    assert alone[deep].mean() < 0.5  # GrabCut alone cuts most of it away
+    assert seeded[deep].all() and iou(seeded, mask) > 0.95
 
 
 def test_clicks_are_sure_seeds():
     """A negative click inside the object stays background; a positive click stays object."""
     image, mask = disk_image(160, (80, 80), 45, seed=2)
-    snapped = snap_to_edges(image / 255.0, coarse(mask, 0), np.array([[80, 80], [60, 80]]), np.array([1, 0])) > 0
+    points, labels = np.array([[80, 80], [60, 80]]), np.array([1, 0])
+    snapped = snap_to_edges(image / 255.0, coarse(mask, 0), points, labels, sure_logit=None) > 0
     assert snapped[80, 80] and not snapped[60, 80]
 
 
@@ -50,7 +81,8 @@ def test_the_predictor_snaps_a_coarse_crop_mask_in_image_pixels():
     image, mask = disk_image(400, (220, 180), 70, seed=3)
     source = ImageSource.from_array(image)
     crop = Crop.centered((230, 190), 240)
-    logits = np.where(read_crop(np.roll(mask, 8, axis=(0, 1)), crop, 64) > 0.5, 3.0, -3.0).astype(np.float32)
+    # unsure within 4 input px (15 image px) of its boundary, as a network is: the default sure seeds apply
+    logits = ramp(read_crop(np.roll(mask, 8, axis=(0, 1)), crop, 64) > 0.5, SURE_LOGIT / 4)
     clicks, labels = np.array([[220, 180]]), np.array([1])
     region, snapped = DeepCropPredictor._snap(source, crop, logits, clicks, labels)
 
@@ -66,6 +98,6 @@ def test_snapping_is_deterministic():
     image = blocks_image(seed=0) / 255.0
     square = np.zeros(image.shape[:2], bool)
     square[30:90, 30:90] = True
-    runs = [snap_to_edges(image, coarse(square, 0), np.array([[60, 60]]), np.array([1])) for _ in range(3)]
+    runs = [snap_to_edges(image, coarse(square, 0), np.array([[60, 60]]), np.array([1]), 1, None) for _ in range(3)]
     assert all(np.array_equal(runs[0], run) for run in runs[1:])
     assert not np.array_equal(runs[0] > 0, square)  # GrabCut's own mask, not the network's kept as it was
