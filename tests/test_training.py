@@ -483,3 +483,10 @@ def test_paste_prob_pastes_training_objects_and_zero_leaves_the_samples_as_they_
         assert b["mask"].sum() > 0
         assert b["image"].mean(0)[b["mask"][0] > 0].mean() > b["image"].mean(0)[b["mask"][0] == 0].mean() + 0.1
     assert changed == len(plain)
+
+
+@pytest.mark.parametrize("flag", ["--paste-prob", "--ladder-prob", "--focus-prob"])
+def test_a_share_of_crops_outside_0_to_1_is_refused_by_name(coco, tmp_path, flag):
+    args = args_for(coco, tmp_path / "run", flag, "1.5")
+    with pytest.raises(SystemExit, match=f"{flag} is a share of the training crops, from 0 to 1: got 1.5"):
+        train.build_datasets(args, train.model_config(args))

@@ -300,6 +300,9 @@ def build_datasets(args: argparse.Namespace, config: DeepCropConfig) -> tuple[Co
         raise SystemExit("--data-path is required")
     # how training crops are cut
     crops = {"ladder_prob": args.ladder_prob, "focus_prob": args.focus_prob, "paste_prob": args.paste_prob}
+    for name, share in crops.items():
+        if not 0.0 <= share <= 1.0:
+            raise SystemExit(f"--{name.replace('_', '-')} is a share of the training crops, from 0 to 1: got {share}")
     if args.val_data_path:
         val = CocoObjects(_sources(args.val_data_path, args.val_images_dir), config, False, args.min_area)
         train = CocoObjects(train_sources, config, True, args.min_area, exclude=set(val.file_names), **crops)
