@@ -26,7 +26,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
 from napari_deepcrop.clicks import encode_clicks
-from napari_deepcrop.crops import Crop, read_crop
+from napari_deepcrop.crops import Crop, PlacedMask, read_crop
 from napari_deepcrop.model import DeepCropConfig
 from napari_deepcrop.predictor import first_click_sides
 
@@ -223,9 +223,8 @@ def paste_object(
     The object's pixels are blended in with its mask feathered by ``PASTE_FEATHER``, so that its outline is not a
     one-pixel seam; whatever the background holds under it is covered, as an occluder would cover it.
     """
-    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-    obj = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    obj_mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
+    placed = PlacedMask.from_full(mask)  # the object's bounding box
+    obj, obj_mask = image[placed.bbox], placed.crop.astype(np.float32)
     h, w = obj_mask.shape
     bh, bw = background.shape[:2]
     scale = min(_log_uniform(rng, *PASTE_SCALE_RANGE), bh / h, bw / w)
