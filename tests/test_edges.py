@@ -98,6 +98,7 @@ def test_snapping_is_deterministic():
     image = blocks_image(seed=0) / 255.0
     square = np.zeros(image.shape[:2], bool)
     square[30:90, 30:90] = True
-    runs = [snap_to_edges(image, coarse(square, 0), np.array([[60, 60]]), np.array([1]), 1, None) for _ in range(3)]
+    clicks, labels = np.array([[60, 60]]), np.array([1])
+    runs = [snap_to_edges(image, coarse(square, 0), clicks, labels, sure_logit=None) for _ in range(3)]
     assert all(np.array_equal(runs[0], run) for run in runs[1:])
     assert not np.array_equal(runs[0] > 0, square)  # GrabCut's own mask, not the network's kept as it was
