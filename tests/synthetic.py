@@ -66,6 +66,10 @@ class BrightNet(nn.Module):
         score = (0.95 - 0.9 * border).clamp(0.01, 0.99)
         return logits, torch.logit(score)
 
+    def folded(self, size: int) -> BrightNet:
+        """What DeepCropPredictor runs at each input size (DeepCropV2.folded): nothing to fold here."""
+        return self
+
 
 DISK_CENTERS = ((24, 24), (24, 70), (70, 26), (70, 70))
 

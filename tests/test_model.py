@@ -119,6 +119,47 @@ def test_passes_at_two_sizes_from_two_threads_each_use_their_own_statistics():
     assert copy.deepcopy(model)(*inputs[96])[0].equal(alone[96])  # a copy has its own lock
 
 
+def _distinct_statistics(model: DeepCropV2, sizes) -> None:
+    """Batch norm statistics and affine weights far from the identity, and different for each size, so that a
+    batch norm folded wrongly, or with another size's statistics, shows in the outputs."""
+    with torch.no_grad():
+        for bn in model._batch_norms:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            for size in sizes:
+                getattr(bn, f"running_mean_{size}" if len(sizes) > 1 else "running_mean").uniform_(-0.5, 0.5)
+                getattr(bn, f"running_var_{size}" if len(sizes) > 1 else "running_var").uniform_(0.5, 2.0)
+
+
+@pytest.mark.parametrize(("head", "refine_size"), [("deepmask", None), ("refine", None), ("refine", 96)])
+@pytest.mark.parametrize("trunk", ["resnet18", "resnet50", "efficientnet_lite0"])
+def test_a_folded_copy_has_no_batch_norm_and_the_networks_outputs_at_its_size(trunk, head, refine_size):
+    torch.manual_seed(0)
+    model = DeepCropV2(DeepCropConfig(trunk=trunk, head=head, input_size=64, refine_size=refine_size)).eval()
+    _distinct_statistics(model, model.config.sizes)
+    for size in model.config.sizes:
+        folded = model.folded(size)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        inputs = (torch.rand(2, 3, size, size), torch.rand(2, model.config.click_planes, size, size))
+        with torch.no_grad():
+            (mask, score), (f_mask, f_score) = model(*inputs), folded(*inputs)
+        assert mask.abs().max() > 0.1  # the comparison below is not between two near-zero outputs
+        torch.testing.assert_close(f_mask, mask, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(f_score, score, rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "the network itself is unchanged"
+
+
+def test_a_folded_copy_takes_its_size_alone_and_refuses_training():
+    model = DeepCropV2(DeepCropConfig(input_size=64, refine_size=96, decoder_width=8)).eval()
+    folded = model.folded(96)
+    with pytest.raises(ValueError, match="folded for 96x96 inputs, got 64"):
+        folded(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))
+    with pytest.raises(RuntimeError, match="for inference"):
+        folded.train()(torch.rand(1, 3, 96, 96), torch.rand(1, 3, 96, 96))
+    with pytest.raises(ValueError, match="64 or 96 pixels, not 128"):
+        model.folded(128)
+
+
 def test_with_refine_size_keeps_the_weights_and_each_sizes_statistics():
     torch.manual_seed(0)
     model = DeepCropV2(DeepCropConfig(input_size=64, decoder_width=8)).eval()

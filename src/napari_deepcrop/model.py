@@ -11,6 +11,7 @@ The trunk is a ResNet (the report's) or an EfficientNet-Lite, whose ImageNet wei
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import resnet
 
 from napari_deepcrop.efficientnet_lite import (
@@ -283,6 +285,26 @@ class _MaskScoreHead(nn.Module):
         return self.fc(pooled).squeeze(1)
 
 
+def _fold_batch_norms(module: nn.Module) -> None:
+    """Fold, in place, every batch norm that directly follows a convolution into that convolution (torch's
+    ``fuse_conv_bn_eval``, with the statistics the batch norm holds now), leaving an identity in its place: in an
+    ``nn.Sequential`` (conv, bn, ...), in torchvision's ResNet blocks (conv1 / bn1, ...) and in the ResNet trunk's
+    first convolution and stem."""
+    for parent in list(module.modules()):
+        if isinstance(parent, nn.Sequential):
+            for i in range(len(parent) - 1):
+                if isinstance(parent[i], nn.Conv2d) and isinstance(parent[i + 1], nn.BatchNorm2d):
+                    parent[i], parent[i + 1] = fuse_conv_bn_eval(parent[i], parent[i + 1]), nn.Identity()
+        elif isinstance(parent, (resnet.BasicBlock, resnet.Bottleneck)):
+            for n in (1, 2, 3):
+                conv, bn = getattr(parent, f"conv{n}", None), getattr(parent, f"bn{n}", None)
+                if isinstance(bn, nn.BatchNorm2d):
+                    setattr(parent, f"conv{n}", fuse_conv_bn_eval(conv, bn))
+                    setattr(parent, f"bn{n}", nn.Identity())
+        elif isinstance(parent, _ResNetTrunk) and isinstance(parent.stem[0], nn.BatchNorm2d):
+            parent.conv1, parent.stem[0] = fuse_conv_bn_eval(parent.conv1, parent.stem[0]), nn.Identity()
+
+
 class _SizeLock:
     """Passes at one input size may run together; a pass at another size waits until they are done.
 
@@ -339,6 +361,7 @@ class DeepCropV2(nn.Module):
         # 128 / 192 px training, mean IoU 55.1 % with shared statistics, 61.3 % with 128-px ones re-estimated.
         self._batch_norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._size_lock = _SizeLock()
+        self._folded_size: int | None = None  # set on a copy from folded(): it takes inputs of this size alone
         if len(self.config.sizes) > 1:
             for bn in self._batch_norms:
                 for size in self.config.sizes:
@@ -380,6 +403,23 @@ class DeepCropV2(nn.Module):
                         new.running_var.copy_(var)
         return model
 
+    def folded(self, size: int) -> DeepCropV2:
+        """A copy of this network for inference on ``size`` x ``size`` inputs alone, each batch norm (with
+        ``size``'s statistics) folded into the convolution before it. The same outputs to float rounding, with
+        no batch norm to compute and no statistics to swap between passes (so copies for two sizes run side by
+        side): what :class:`~napari_deepcrop.predictor.DeepCropPredictor` runs. A copy is not for training."""
+        if size not in self.config.sizes:
+            sizes = " or ".join(str(s) for s in self.config.sizes)
+            raise ValueError(f"this network takes inputs of {sizes} pixels, not {size}")
+        model = copy.deepcopy(self).eval()
+        if len(self.config.sizes) > 1:
+            model._swap_statistics(size, store=False)
+        with torch.no_grad():
+            _fold_batch_norms(model)
+        model._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        model._folded_size = size
+        return model
+
     @torch.no_grad()
     def _swap_statistics(self, size: int, store: bool) -> None:
         """``store``: copy the running statistics into ``size``'s buffers (after a training pass at that size);
@@ -402,6 +442,12 @@ class DeepCropV2(nn.Module):
             raise ValueError(f"inputs must be {sizes}, got {tuple(image.shape)} and {tuple(click_planes.shape)}")
         if click_planes.shape[1] != self.config.click_planes:
             raise ValueError(f"expected {self.config.click_planes} click planes, got {click_planes.shape[1]}")
+        if self._folded_size is not None:
+            if self.training:
+                raise RuntimeError("a folded copy of the network is for inference: train the network it came from")
+            if size != self._folded_size:
+                raise ValueError(f"this copy was folded for {self._folded_size}x{self._folded_size} inputs, got {size}")
+            return self._forward(image, click_planes, size)
         if len(self.config.sizes) == 1:
             return self._forward(image, click_planes, size)
         with self._size_lock.hold(size):

@@ -241,12 +241,13 @@ def test_a_float_image_with_some_nans_segments(make_widget, real_predictor, qtbo
     image[40:, 50:] = np.nan
     viewer, widget = make_widget((image, {"name": "image"}))
     widget.predictor = real_predictor
-    finite = []  # the network's inputs and outputs: NaNs never reach it
-    real_predictor.model.register_forward_hook(
-        lambda module, inputs, output: finite.append(
-            all(bool(torch.isfinite(t).all()) for t in (*inputs, *output) if isinstance(t, torch.Tensor))
+    finite = []  # the inputs and outputs of the networks the predictor runs: NaNs never reach them
+    for net in real_predictor.nets.values():
+        net.register_forward_hook(
+            lambda module, inputs, output: finite.append(
+                all(bool(torch.isfinite(t).all()) for t in (*inputs, *output) if isinstance(t, torch.Tensor))
+            )
         )
-    )
     for position in ((30, 40), (10, 10), (50, 60)):  # on finite pixels, then on NaNs
         click(widget, qtbot, position, timeout=MODEL_TIMEOUT)
         mask = widget.session.mask
