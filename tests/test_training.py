@@ -490,3 +490,55 @@ def test_a_share_of_crops_outside_0_to_1_is_refused_by_name(coco, tmp_path, flag
     args = args_for(coco, tmp_path / "run", flag, "1.5")
     with pytest.raises(SystemExit, match=f"{flag} is a share of the training crops, from 0 to 1: got 1.5"):
         train.build_datasets(args, train.model_config(args))
+
+
+def ritm_normalized_focal_loss(logits, target, alpha=0.5, gamma=2.0, eps=1e-12):
+    """isegm's NormalizedFocalLossSigmoid (no ignore label, size_average, detach_delimeter), written out as RITM
+    writes it."""
+    one_hot = target > 0.5
+    pred = torch.sigmoid(logits)
+    a = torch.where(one_hot, alpha * torch.ones_like(pred), (1 - alpha) * torch.ones_like(pred))
+    pt = torch.where(one_hot, pred, 1 - pred)
+    beta = (1 - pt) ** gamma
+    size = torch.ones_like(pred).sum(dim=(1, 2, 3))
+    mult = (size / (beta.sum(dim=(1, 2, 3)) + eps)).detach()
+    loss = -a * beta * mult[:, None, None, None] * torch.log(torch.min(pt + eps, torch.ones(1)))
+    return (loss.sum(dim=(1, 2, 3)) / (size + eps)).mean()
+
+
+def test_the_normalized_focal_loss_is_ritms_and_keeps_a_good_masks_errors_weighty():
+    from napari_deepcrop.training.engine import mask_loss, normalized_focal_loss
+
+    torch.manual_seed(0)
+    target = (torch.rand(4, 1, 32, 32) > 0.5).float()
+    logits = (torch.randn(4, 1, 32, 32) * 3).requires_grad_()
+    ours, theirs = normalized_focal_loss(logits, target), ritm_normalized_focal_loss(logits, target)
+    torch.testing.assert_close(ours, theirs)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_theirs,) = torch.autograd.grad(theirs, logits)
+    torch.testing.assert_close(g_ours, g_theirs)
+    dice = mask_loss(logits, target) - torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(mask_loss(logits, target, "nfl"), ours + dice)
+    with pytest.raises(ValueError, match="mask loss must be one of"):
+        mask_loss(logits, target, "dice")
+    # a mask right but for 4 pixels: the logistic loss's gradient on them shrinks with the pixels right around
+    # them, the normalized focal loss's does not
+    grads = {}
+    for side in (16, 64):
+        target = torch.zeros(1, 1, side, side)
+        target[..., : side // 2, :] = 1
+        logits = (target * 2 - 1) * 6.0
+        logits[..., :2, :2] *= -1  # four confidently wrong pixels
+        logits.requires_grad_()
+        for name, loss in (("bce", torch.nn.functional.binary_cross_entropy_with_logits), ("nfl", normalized_focal_loss)):
+            (g,) = torch.autograd.grad(loss(logits, target), logits)
+            grads[name, side] = g[..., :2, :2].abs().mean().item()
+    assert grads["bce", 64] < grads["bce", 16] / 10
+    assert grads["nfl", 64] == pytest.approx(grads["nfl", 16], rel=0.05)
+
+
+def test_training_takes_the_mask_loss_and_records_it(coco, tmp_path):
+    train.main(args_for(coco, tmp_path / "run", "--max-steps", "2", "--mask-loss", "nfl"))
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["meta"]["args"]["mask_loss"] == "nfl"
+    with pytest.raises(SystemExit):
+        args_for(coco, tmp_path / "bad", "--mask-loss", "dice")

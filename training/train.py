@@ -40,7 +40,7 @@ from napari_deepcrop.model import SCORE_HEADS, TRUNKS, DeepCropConfig, DeepCropV
 from napari_deepcrop.predictor import pick_device
 
 from .data import CocoObjects, CocoSource, EpochSampler
-from .engine import TrainOptions, evaluate, train_one_epoch
+from .engine import MASK_LOSSES, TrainOptions, evaluate, train_one_epoch
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -110,6 +110,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--paste-prob", type=float, default=0.0,
         help="share of training objects pasted onto another training image first (copy-paste augmentation)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mask-loss", choices=MASK_LOSSES, default="bce",
+        help="the mask loss's pixel term (with a Dice term): bce, the report's logistic loss; nfl, RITM's "
+        "normalized focal loss",
     )  # fmt: skip
     p.add_argument(
         "--pretrained",
@@ -505,7 +510,9 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
                 device,
                 epoch,
                 step,
-                TrainOptions(iterative_prob=args.iterative_prob, seed=args.seed, frozen=frozen),
+                TrainOptions(
+                    iterative_prob=args.iterative_prob, seed=args.seed, frozen=frozen, mask_loss=args.mask_loss
+                ),
                 max_steps=args.max_steps,
                 on_step=after_step,
                 show_progress=is_main and not args.no_progress,
