@@ -18,6 +18,9 @@ import numpy as np
 # working resolution of the object's neighbourhood, and GrabCut iterations. Interactive NoC@90 with the bundled
 # model (tiny_coco val2017, 100 objects / GrabCut, 50): 200 px, 1 iteration 13.66 / 5.32; 240 px, 2 iterations
 # 13.71 / 5.32 at twice the time; 160 px: 6.0 on GrabCut (2 iterations) and 6.4 (1); 320 px: no better, slower.
+# With the sure seeds (2026-12-06, stage 4, tiny_coco val2017's 192 objects, NoC@85 / NoC@90 / failures@90): 200 px,
+# 1 iteration 6.83 / 10.88 / 59; 2 iterations 6.93 / 10.84 / 59; 256 px, 1 iteration 6.85 / 10.71 / 56, within what
+# small changes move single objects by, for 1.6x GrabCut's pixels: 200 px and 1 iteration kept.
 EDGE_SIDE = 200
 ITERATIONS = 1
 CLICK_RADIUS = 3  # sure-object / sure-background disk at each click, in working pixels
