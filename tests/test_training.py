@@ -530,7 +530,8 @@ def test_the_normalized_focal_loss_is_ritms_and_keeps_a_good_masks_errors_weight
         logits = (target * 2 - 1) * 6.0
         logits[..., :2, :2] *= -1  # four confidently wrong pixels
         logits.requires_grad_()
-        for name, loss in (("bce", torch.nn.functional.binary_cross_entropy_with_logits), ("nfl", normalized_focal_loss)):
+        losses = (("bce", torch.nn.functional.binary_cross_entropy_with_logits), ("nfl", normalized_focal_loss))
+        for name, loss in losses:
             (g,) = torch.autograd.grad(loss(logits, target), logits)
             grads[name, side] = g[..., :2, :2].abs().mean().item()
     assert grads["bce", 64] < grads["bce", 16] / 10

@@ -60,7 +60,10 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "bce") -> 
     Dice term that keeps small objects from vanishing."""
     if kind not in MASK_LOSSES:
         raise ValueError(f"mask loss must be one of {MASK_LOSSES}, got {kind!r}")
-    pixel = F.binary_cross_entropy_with_logits(logits, target) if kind == "bce" else normalized_focal_loss(logits, target)
+    if kind == "bce":
+        pixel = F.binary_cross_entropy_with_logits(logits, target)
+    else:
+        pixel = normalized_focal_loss(logits, target)
     prob = torch.sigmoid(logits).flatten(1)
     target = target.flatten(1)
     dice = 1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
@@ -139,7 +142,8 @@ def optimizer_step(
         mask_logits, score_logits = model(image, planes.to(device))
     mask_logits, score_logits = mask_logits.float(), score_logits.float()
     iou = full_iou(mask_logits, target, batch["outside"].to(device))
-    loss = mask_loss(mask_logits, target, options.mask_loss) + options.score_weight * F.binary_cross_entropy_with_logits(score_logits, iou)
+    score_loss = F.binary_cross_entropy_with_logits(score_logits, iou)
+    loss = mask_loss(mask_logits, target, options.mask_loss) + options.score_weight * score_loss
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)

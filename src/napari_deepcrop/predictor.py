@@ -242,8 +242,9 @@ class DeepCropPredictor:
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.config = model.config
         # what runs: a copy of the network for each input size with its batch norms folded into the convolutions
-        # (DeepCropV2.folded). The same masks to float rounding; a 1024² first click 12 ms faster on 2 CPU cores
-        # (benchmarks/latency.py); and no statistics swapped, so a click and a propagation run side by side.
+        # (DeepCropV2.folded). The same masks to float rounding; a 1024² first click 51 ms against 80 (snapped 80
+        # against 95; benchmarks/latency.py, 2 CPU cores); no statistics swapped, so a click and a propagation run
+        # side by side. Making the copies adds 0.13 s to loading the predictor.
         self.nets = {s: self.model.folded(s).to(memory_format=torch.channels_last) for s in self.config.sizes}
         self._source: ImageSource | None = None
 
