@@ -296,7 +296,7 @@ class DeepCropWidget(Container):
         self._snap = CheckBox(text="Snap to edges", value=True)
         self._snap.tooltip = (
             "Move the network's mask boundary onto the image's edges (GrabCut around the object) where the "
-            "network is unsure of it: fewer clicks on most objects, 20-50 ms more per click on a laptop CPU"
+            "network is unsure of it: fewer clicks on most objects, 20-30 ms more per click on a laptop CPU"
         )
         commit = PushButton(text="Commit (Enter)")
         discard = PushButton(text="Discard (Escape)")

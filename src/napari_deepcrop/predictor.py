@@ -218,7 +218,7 @@ class DeepCropPredictor:
     ) -> None:
         self.device = pick_device(device)
         # GrabCut moves the mask's boundary onto the image's edges (napari_deepcrop.edges); False: the network's
-        # own mask, 30-40 ms less per click (benchmarks/latency.py, 2 CPU cores)
+        # own mask, 20-30 ms less per click (benchmarks/latency.py, 2 CPU cores)
         self.snap_edges = snap_edges
         # first click: a second pass on a crop around the chosen scale's mask, that mask as prev_mask (RITM's
         # zoom-in from the first click on): the crop a refinement click gets, one more forward pass. tiny_coco
