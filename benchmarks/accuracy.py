@@ -61,6 +61,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "predictor's FOCUS_RATIO; 0: no focus crop",
     )  # fmt: skip
     parser.add_argument("--max-clicks", type=int, default=20)
+    parser.add_argument(
+        "--alternatives", type=int, default=1,
+        help="DeepCrop only: the simulated user looks at up to this many of the first click's masks (the widget's "
+        "N) and keeps the best, as SAM's multi-mask results are scored (its oracle); 1: the network's choice",
+    )  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="a fixed-seed random subset of N images")
     parser.add_argument("--output", type=Path, default=None, help="write summaries and IoU curves as JSON")
     return parser
@@ -103,7 +108,10 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.alternatives < 1:
+        parser.error(f"--alternatives must be at least 1, got {args.alternatives}")
     samples = list(load_dataset(args.dataset, max_instances=args.limit))
     report: dict[str, Any] = {
         "machine": machine(),
@@ -114,19 +122,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "refine_size": args.refine_size,
         "refine_factors": args.refine_factors,
         "focus_ratio": args.focus_ratio,
+        "alternatives": args.alternatives,
         "methods": {},
     }
     for name in args.methods:
         segmenter = make_segmenter(name, args)
         if name in DEEPCROP:
             report["machine"]["model_device"] = str(segmenter.device)
-        results = evaluate_dataset(segmenter, samples, args.max_clicks, progress=True)
+        alternatives = args.alternatives if name in DEEPCROP else 1
+        results = evaluate_dataset(segmenter, samples, args.max_clicks, progress=True, alternatives=alternatives)
         report["methods"][name] = {
             "summary": summarize(results.values()),
             "per_sample": {sample: result.to_dict() for sample, result in results.items()},
         }
     info = report["machine"]
-    print(f"{args.dataset.name}: {len(samples)} objects, up to {args.max_clicks} clicks")
+    shown = f", DeepCrop's best of {args.alternatives} first masks" if args.alternatives > 1 else ""
+    print(f"{args.dataset.name}: {len(samples)} objects, up to {args.max_clicks} clicks{shown}")
     cuda = f"CUDA {info['cuda']}" if info["cuda"] else "no CUDA"
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, {cuda}")
     print(format_table({name: method["summary"] for name, method in report["methods"].items()}))

@@ -45,6 +45,25 @@ class ScriptedSegmenter:
         return self.masks[min(len(points), len(self.masks)) - 1], 0.5
 
 
+class AlternativesSegmenter(ScriptedSegmenter):
+    """A ScriptedSegmenter whose first click also has ``alternatives`` (masks), as the predictor's ``alternative``
+    picks them (0: the scripted first mask)."""
+
+    def __init__(self, masks, alternatives):
+        super().__init__(masks)
+        self.others = alternatives
+
+    def alternatives(self):
+        return 1 + len(self.others)
+
+    def predict(self, points, labels, prev_mask=None, alternative=0):
+        if alternative:
+            assert prev_mask is None
+            self.calls.append((points.copy(), labels.copy(), prev_mask, alternative))
+            return self.others[alternative - 1], 0.4
+        return super().predict(points, labels, prev_mask)
+
+
 def first_pixels(gt, count):
     """A mask of the first ``count`` object pixels in raster order: IoU count / gt.sum() by construction."""
     mask = np.zeros(gt.size, bool)
@@ -375,3 +394,21 @@ def test_eval_command_measures_snapped_and_own_masks(tmp_path, monkeypatch):
     main(argv)
     main([*argv, "--no-snap"])
     assert seen == [True, False]
+
+
+def test_with_alternatives_the_user_keeps_the_best_of_the_first_clicks_masks():
+    """SAM's oracle protocol: up to ``alternatives`` of the first click's masks are looked at, the best kept and
+    refined; later clicks get one mask each."""
+    gt = box((20, 20), (0, 10), (0, 10))
+    scripted = [first_pixels(gt, 40), gt]
+    others = [first_pixels(gt, 60), first_pixels(gt, 90), first_pixels(gt, 80)]
+    plain = run_protocol(AlternativesSegmenter(scripted, others), np.zeros((20, 20, 3)), gt, max_clicks=3)
+    assert plain.ious[0] == pytest.approx(0.4)
+    segmenter = AlternativesSegmenter(scripted, others)
+    result = run_protocol(segmenter, np.zeros((20, 20, 3)), gt, max_clicks=3, alternatives=3)
+    assert result.ious[0] == pytest.approx(0.9)  # the best of masks 0..2; the 0.8 one is beyond three
+    assert [c[3] if len(c) == 4 else 0 for c in segmenter.calls[:3]] == [0, 1, 2]
+    np.testing.assert_array_equal(segmenter.calls[3][2], others[1])  # the second click refines the one kept
+    assert len(result.seconds) == len(result.clicks) == 2
+    many = run_protocol(AlternativesSegmenter(scripted, others), np.zeros((20, 20, 3)), gt, alternatives=10)
+    assert many.ious[0] == pytest.approx(0.9)  # no more than the segmenter has

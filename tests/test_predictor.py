@@ -290,3 +290,50 @@ def test_the_focus_crop_refines_the_boundary_near_the_newest_click_on_a_finer_gr
     passes.clear()
     predictor.predict(np.array([[128.0, 128.0]]), np.array([1]), prev_mask=small_truth)
     assert passes == [2]
+
+
+@pytest.mark.slow
+def test_alternative_masks_are_the_first_click_scales_in_the_order_of_their_scores(disk_model):
+    """alternative=k: the first click's scale ranked k-th by score (0: the network's choice, the default), as
+    that scale's own pass gives it (here without zoom-in or snapping); alternatives() counts them."""
+    from napari_deepcrop.crops import paste_logits
+    from napari_deepcrop.predictor import first_click_sides
+
+    image, _ = disk_image(512, (260, 240), 45, seed=21)
+    click, label = np.array([[260, 240]]), np.array([1])
+    p = DeepCropPredictor(disk_model, device="cpu", snap_edges=False, zoom_in=False)
+    p.set_image(image)
+    assert p.alternatives() == len(first_click_sides(image.shape)) > 1
+    crops = p._candidate_crops(click, label, None, image.shape[:2])
+    logits, scores = p._run(p._source, crops, click, label, None, 64)
+    order = np.argsort(-scores)
+    assert len(set(scores.tolist())) == len(scores)  # a strict order to check against
+    masks = []
+    for k in range(p.alternatives()):
+        mask, score = p.predict(click, label, alternative=k)
+        crop_mask, (r0, c0) = paste_logits(logits[order[k]], crops[order[k]], image.shape[:2])
+        expected = np.zeros(image.shape[:2], bool)
+        expected[r0 : r0 + crop_mask.shape[0], c0 : c0 + crop_mask.shape[1]] = crop_mask
+        assert np.array_equal(mask, expected) and score == pytest.approx(scores[order[k]])
+        masks.append(mask)
+    assert np.array_equal(p.predict(click, label)[0], masks[0])
+    assert len({m.tobytes() for m in masks}) > 1  # the scales do give different masks
+
+
+def test_alternative_errors(disk_model):
+    p = DeepCropPredictor(disk_model, device="cpu", snap_edges=False)
+    image, _ = disk_image(128, (64, 64), 20, seed=1)
+    p.set_image(image)
+    click, label = np.array([[64, 64]]), np.array([1])
+    n = p.alternatives()
+    for bad in (n, -1):
+        with pytest.raises(ValueError, match=rf"alternative must be in 0\.\.{n - 1} on this image, got {bad}"):
+            p.predict(click, label, alternative=bad)
+    with pytest.raises(TypeError):
+        p.predict(click, label, alternative=1.5)
+    first, _ = p.predict(click, label)
+    with pytest.raises(ValueError, match="alternative masks are a first click's"):
+        p.predict(click, label, prev_mask=first, alternative=1)
+    p.reset_image()
+    with pytest.raises(RuntimeError, match="no image set"):
+        p.alternatives()

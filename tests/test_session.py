@@ -17,16 +17,22 @@ from napari_deepcrop.session import (
 
 
 class SquarePredictor:
-    """Predicts a 5x5 square around the first positive click, as a crop; records what it was given."""
+    """Predicts a 5x5 square around the first positive click, as a crop (its alternatives 1 and 2: 7x7, 9x9);
+    records what it was given."""
 
     def set_image(self, image, contrast_limits=None, channels=None):
         self.image_shape, self.contrast_limits = image.shape[:2], contrast_limits
 
-    def predict(self, points, labels, prev_mask=None, return_crop=False):
-        self.points, self.labels = points, labels
+    def alternatives(self):
+        return 3
+
+    def predict(self, points, labels, prev_mask=None, return_crop=False, alternative=0):
+        assert prev_mask is None or alternative == 0, "the real predictor refuses this"
+        self.points, self.labels, self.alternative = points, labels, alternative
         self.prev_mask = prev_mask.full() if prev_mask is not None else None  # the session passes a PlacedMask
         row, col = points[labels == 1][0].astype(int)
-        return np.ones((5, 5), bool), (row - 2, col - 2), 0.9
+        half = 2 + alternative
+        return np.ones((2 * half + 1,) * 2, bool), (row - half, col - half), 0.9
 
 
 def square(row0: int, col0: int, side: int = 5, shape=(20, 20)) -> ObjectMask:
@@ -49,6 +55,19 @@ def test_predict_object_passes_clicks_labels_and_previous_mask():
     np.testing.assert_array_equal(predictor.prev_mask, prev.full())
     assert predictor.contrast_limits == (0, 255) and predictor.image_shape == (20, 30)
     assert mask.origin == (8, 10) and mask.shape == (20, 30) and mask.crop.dtype == bool and mask.score == 0.9
+
+
+def test_predict_object_cycles_the_first_clicks_alternatives_and_ignores_them_when_refining():
+    predictor, image = SquarePredictor(), np.zeros((20, 30, 3), np.uint8)
+    sides = []
+    for alternative in range(4):
+        mask = predict_object(predictor, image, ((10, 12, 1),), alternative=alternative)
+        assert (mask.alternative, mask.alternatives) == (alternative % 3, 3) == (predictor.alternative, 3)
+        sides.append(mask.crop.shape[0])
+    assert sides == [5, 7, 9, 5]  # counting up cycles back to the network's choice
+    refined = predict_object(predictor, image, ((10, 12, 1), (3, 4, 0)), prev=mask, alternative=2)
+    assert (refined.alternative, refined.alternatives, predictor.alternative) == (0, 1, 0)
+    np.testing.assert_array_equal(predictor.prev_mask, mask.full())
 
 
 def test_commit_indices_keeps_other_objects_unless_overwrite():

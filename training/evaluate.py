@@ -160,11 +160,15 @@ def run_protocol(
     gt: np.ndarray,
     ignore: np.ndarray | None = None,
     max_clicks: int = 20,
+    alternatives: int = 1,
 ) -> ProtocolResult:
     """Simulate one user annotating one object, passing the previous mask back as RITM does.
 
     When no error pixel is left the user stops; the IoU curve is then held at its last value up to
-    ``max_clicks`` so that every curve has the same length.
+    ``max_clicks`` so that every curve has the same length. With ``alternatives`` > 1 the user looks at up to
+    that many of the first click's masks (the predictor's ``alternative``, best by score first) and keeps the
+    best, as SAM's multi-mask output is scored against its "oracle" choice; the click's seconds are those of
+    all the masks looked at.
     """
     gt = np.asarray(gt, bool)
     segmenter.set_image(image)
@@ -179,7 +183,12 @@ def run_protocol(
         points = np.array([c[:2] for c in clicks], float)
         labels = np.array([int(c[2]) for c in clicks])
         start = time.perf_counter()
-        mask, _ = segmenter.predict(points, labels, prev_mask)
+        if prev_mask is None and alternatives > 1:
+            count = min(alternatives, segmenter.alternatives())
+            masks = [segmenter.predict(points, labels, None, alternative=k)[0] for k in range(count)]
+            mask = max(masks, key=lambda m: mask_iou(np.asarray(m, bool), gt, ignore))
+        else:
+            mask, _ = segmenter.predict(points, labels, prev_mask)
         seconds.append(time.perf_counter() - start)
         pred = prev_mask = np.asarray(mask, bool)
         ious.append(mask_iou(pred, gt, ignore))
@@ -190,14 +199,18 @@ def run_protocol(
 
 
 def evaluate_dataset(
-    segmenter: ClickSegmenter, samples: Iterable[Sample], max_clicks: int = 20, progress: bool = False
+    segmenter: ClickSegmenter,
+    samples: Iterable[Sample],
+    max_clicks: int = 20,
+    progress: bool = False,
+    alternatives: int = 1,
 ) -> dict[str, ProtocolResult]:
-    """Run the protocol on every sample, keyed by sample name."""
+    """Run the protocol on every sample, keyed by sample name (``alternatives``: see :func:`run_protocol`)."""
     if progress:
         from tqdm import tqdm
 
         samples = tqdm(samples, unit="object")
-    return {s.name: run_protocol(segmenter, s.image, s.gt, s.ignore, max_clicks) for s in samples}
+    return {s.name: run_protocol(segmenter, s.image, s.gt, s.ignore, max_clicks, alternatives) for s in samples}
 
 
 def summarize(

@@ -80,6 +80,7 @@ SHORTCUTS = """<b>Shortcuts</b> (click tool on, clicks layer selected)<br>
 Click: positive click (add to the object)<br>
 Shift+click or right click: negative click (remove)<br>
 Enter: commit the object &nbsp; Escape: discard it<br>
+N: the first click's next mask (the network's other readings of it, e.g. a part or the whole)<br>
 P: propagate the object through the stack; on a slice of a propagated object, clicks correct it and P
 re-propagates beyond it<br>
 Ctrl+Z: remove the last click, or undo the last commit; Ctrl+Shift+Z: redo it<br>
@@ -102,6 +103,7 @@ class _Job:
     settings: int
     snap_edges: bool
     base_clicks: tuple[Click, ...] = ()  # a correction's: the click that propagation gave this slice
+    alternative: int = 0  # which of a first click's masks (N cycles them)
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ def _run(job: _Job) -> _Result:
         predictor.snap_edges = job.snap_edges
         if not has_contrast(job.image):  # napari's contrast limits of such an image are not degenerate
             raise ValueError("the image has no contrast to segment: it is empty, constant, or all NaN")
-        mask = predict_object(predictor, job.image, job.base_clicks + job.clicks, job.prev, job.contrast_limits)
+        clicks = job.base_clicks + job.clicks
+        mask = predict_object(predictor, job.image, clicks, job.prev, job.contrast_limits, job.alternative)
         return _Result(job, predictor, mask=mask, warning=warning)
     except Exception as exc:  # shown as a notification on the UI thread
         return _Result(job, predictor, error=f"DeepCrop: {_reason(exc)}", warning=warning)
@@ -301,6 +304,11 @@ class DeepCropWidget(Container):
         commit = PushButton(text="Commit (Enter)")
         discard = PushButton(text="Discard (Escape)")
         propagate = PushButton(text="Propagate (P)")
+        other = PushButton(text="Other mask (N)")
+        other.tooltip = (
+            "The first click's next mask: the network reads a click at several scales (a part, the object, a "
+            "group) and shows the one it rates best; N steps through the others, best first, and back"
+        )
         propagate.tooltip = (
             "A stack: segment the current object on the slices before and after this one, along the last slider "
             "moved, until it ends; one label id, one undo step. On a slice of a propagated object, clicks "
@@ -319,7 +327,7 @@ class DeepCropWidget(Container):
         self._task_note = Label(label="Jobs", value="none yet")
         # Whole-layer actions (export, training) add their buttons to this row.
         self.actions = Container(widgets=[export, tune, self._cancel], layout="horizontal", labels=False)
-        buttons = Container(widgets=[commit, discard, propagate], layout="horizontal", labels=False)
+        buttons = Container(widgets=[commit, discard, propagate, other], layout="horizontal", labels=False)
         navigator = Container(widgets=[open_dataset, previous, next_], layout="horizontal", labels=False)
         self.extend([
             self._image, self._channels, self._target, self._category, self._checkpoint, self._device,
@@ -336,6 +344,7 @@ class DeepCropWidget(Container):
         commit.clicked.connect(self.commit)
         discard.clicked.connect(self.discard)
         propagate.clicked.connect(self.propagate)
+        other.clicked.connect(self.other_mask)
         previous.clicked.connect(self.previous_image)
         next_.clicked.connect(self.next_image)
         export.clicked.connect(self._export_clicked)
@@ -406,6 +415,25 @@ class DeepCropWidget(Container):
             image, self._target.value, label, {}, self.session.object_id, self._category_name(), self._settings
         )
         return self._start_propagation(job, written, spatial[axis] - 1)
+
+    def other_mask(self) -> bool:
+        """N: the first click's next mask by the network's score (after the last, the best again), refined by
+        the clicks after it as the shown one would be. False when there is none: not a first click's mask."""
+        mask, clicks = self.session.mask, self.session.clicks
+        if mask is None or not clicks or self.busy or self._wanted:
+            show_info("DeepCrop: other masks are offered once the first click's mask shows")
+            return False
+        if self.session.prev_mask(clicks) is not None or mask.alternatives < 2:
+            show_info(
+                "DeepCrop: other masks are offered for an object's first click only: remove the clicks after it "
+                "(Ctrl+Z) to choose another"
+            )
+            return False
+        self.session.alternative = (mask.alternative + 1) % mask.alternatives
+        self._generation += 1
+        self._wanted = True
+        self._start_job()
+        return True
 
     def discard(self) -> None:
         """Forget the current object: its clicks and its preview."""
@@ -623,7 +651,10 @@ class DeepCropWidget(Container):
         new_object = not self.session.clicks
         self.session.plane = tuple(points[0, :-2].tolist())
         pixels = points[:, -2:].tolist()
-        self.session.clicks = tuple((r, c, int(p)) for (r, c), p in zip(pixels, positive, strict=True))
+        clicks = tuple((r, c, int(p)) for (r, c), p in zip(pixels, positive, strict=True))
+        if clicks[:1] != self.session.clicks[:1]:
+            self.session.alternative = 0  # a new first click: the network's choice first
+        self.session.clicks = clicks
         if new_object:
             self._start_correction(points[0])
         if (points[:, :-2] != points[0, :-2]).any():
@@ -655,6 +686,7 @@ class DeepCropWidget(Container):
             settings=self._settings,
             snap_edges=self._snap.value,
             base_clicks=self.session.base_clicks,
+            alternative=self.session.alternative,
         )
         self._worker = create_worker(_run, job, _connect={"returned": self._on_result})
 
@@ -686,6 +718,9 @@ class DeepCropWidget(Container):
             else:
                 self.session.mask = result.mask
                 self._show_preview()
+                if result.mask.alternatives > 1:  # a first click's
+                    mask = result.mask
+                    self._viewer.status = f"DeepCrop: mask {mask.alternative + 1} of {mask.alternatives} (N: the next)"
         self._start_job()  # newer clicks, if any
 
     def _use_predictor(self, predictor: DeepCropPredictor) -> None:
@@ -731,6 +766,7 @@ class DeepCropWidget(Container):
         layer.bind_key(KeyCode.Enter, lambda _: self.commit(), overwrite=True)
         layer.bind_key(KeyCode.Escape, lambda _: self.discard(), overwrite=True)
         layer.bind_key(KeyCode.KeyP, lambda _: self.propagate(), overwrite=True)
+        layer.bind_key(KeyCode.KeyN, lambda _: self.other_mask(), overwrite=True)
         layer.bind_key(KeyMod.CtrlCmd | KeyCode.KeyZ, lambda _: self.undo(), overwrite=True)
         layer.bind_key(KeyMod.CtrlCmd | KeyMod.Shift | KeyCode.KeyZ, lambda _: self.redo(), overwrite=True)
 

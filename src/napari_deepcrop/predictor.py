@@ -13,6 +13,7 @@ crop, not on the image.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -281,6 +282,7 @@ class DeepCropPredictor:
         labels: np.ndarray,
         prev_mask: np.ndarray | PlacedMask | None = None,
         return_crop: bool = False,
+        alternative: int = 0,
     ):
         """Segment the object the clicks point at.
 
@@ -288,14 +290,24 @@ class DeepCropPredictor:
         score): the same mask without allocating anything of image size. ``prev_mask``, the current mask of
         this object, is a full (H, W) mask or, for large images, a :class:`~napari_deepcrop.crops.PlacedMask`.
         ``score`` in [0, 1] is the network's own estimate of its IoU.
+
+        ``alternative`` (without ``prev_mask``: a first click) picks the first click's scale ranked that far down
+        by score, 0 the best: the other masks a click on an ambiguous object (a shirt or its wearer) can mean, as
+        SAM offers several; :meth:`alternatives` of them, each zoomed in on (and snapped) as the best one is.
         """
         source = self._require_image()
         points, labels = self._check_clicks(points, labels, source.shape)
         prev_mask = self._check_prev_mask(prev_mask, source.shape)
         crops = self._candidate_crops(points, labels, prev_mask, source.shape, source.max_crop_side)
+        alternative = operator.index(alternative)
+        if alternative and (prev_mask is not None or not 0 <= alternative < len(crops)):
+            raise ValueError(
+                "alternative masks are a first click's (no prev_mask)" if prev_mask is not None
+                else f"alternative must be in 0..{len(crops) - 1} on this image, got {alternative}"
+            )  # fmt: skip
         size = self.config.input_size if prev_mask is None else self.config.refinement_size
         logits, scores = self._run(source, crops, points, labels, prev_mask, size)
-        best = int(np.argmax(scores))
+        best = int(np.argsort(-scores, kind="stable")[alternative])
         crop, chosen = crops[best], logits[best]
         if prev_mask is None and self.zoom_in and self.config.prev_mask:
             crop, chosen, scores[best] = self._zoom_in(source, crop, chosen, scores[best], points, labels)
@@ -310,6 +322,12 @@ class DeepCropPredictor:
         mask = np.zeros(source.shape, bool)
         mask[row0 : row0 + crop_mask.shape[0], col0 : col0 + crop_mask.shape[1]] = crop_mask
         return mask, score
+
+    def alternatives(self) -> int:
+        """How many masks a first click offers on the image set (``predict``'s ``alternative``): one per scale
+        it tries."""
+        source = self._require_image()
+        return len(first_click_sides(source.shape, source.max_crop_side))
 
     def _require_image(self) -> ImageSource:
         if self._source is None:

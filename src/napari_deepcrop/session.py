@@ -29,9 +29,12 @@ CORRECTION_MARGIN = 0.5
 
 @dataclass(frozen=True)
 class ObjectMask(PlacedMask):
-    """The current object's mask (the crop of its bounding box, so large images cost only the object) and score."""
+    """The current object's mask (the crop of its bounding box, so large images cost only the object) and score;
+    a first click's also which of its ``alternatives`` masks it is (0: the network's choice)."""
 
     score: float = 0.0
+    alternative: int = 0
+    alternatives: int = 1
 
 
 def load_predictor(
@@ -52,16 +55,24 @@ def predict_object(
     clicks: tuple[Click, ...],
     prev: ObjectMask | None = None,
     contrast_limits=None,
+    alternative: int = 0,
 ) -> ObjectMask:
     """Segment the object the clicks point at in a 2D ``image`` ((H, W) or (H, W, C)), refining ``prev``.
 
-    ``contrast_limits``: one (low, high) pair, or one per channel of a :class:`ChannelStack`."""
+    ``contrast_limits``: one (low, high) pair, or one per channel of a :class:`ChannelStack`. Without ``prev``,
+    ``alternative`` picks one of the first click's masks (:meth:`DeepCropPredictor.predict`), taken modulo
+    their number, so that counting up cycles through them; with ``prev`` it is ignored."""
     predictor.set_image(image, contrast_limits=contrast_limits)
     points = np.array([c[:2] for c in clicks], dtype=np.float64).reshape(-1, 2)
     labels = np.array([c[2] for c in clicks], dtype=np.int64)
-    crop, origin, score = predictor.predict(points, labels, prev_mask=prev, return_crop=True)
+    alternatives = 1 if prev is not None else predictor.alternatives()
+    alternative %= alternatives
+    crop, origin, score = predictor.predict(
+        points, labels, prev_mask=prev, return_crop=True, alternative=alternative
+    )
     shape = tuple(image.shape[:2])
-    return ObjectMask(np.asarray(crop, bool), (int(origin[0]), int(origin[1])), shape, float(score))
+    origin = (int(origin[0]), int(origin[1]))
+    return ObjectMask(np.asarray(crop, bool), origin, shape, float(score), alternative, alternatives)
 
 
 def has_contrast(image, sample_pixels: int = 1_000_000) -> bool:
@@ -201,6 +212,7 @@ class AnnotationSession:
         self.corrects: int | None = None  # the slice (along its axis) of a propagated object the clicks correct
         self._base: ObjectMask | None = None
         self.base_clicks: tuple[Click, ...] = ()
+        self.alternative = 0  # which of the first click's masks (predict_object's ``alternative``)
 
     def correct(self, k: int, base: ObjectMask, click: tuple[int, int]) -> None:
         """The clicks correct slice ``k`` of a propagated object, whose mask there is ``base``.

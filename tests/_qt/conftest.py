@@ -9,7 +9,8 @@ import pytest
 
 
 class DiskPredictor:
-    """Predicts a disk of ``radius`` around the first positive click, minus a disk around each negative click.
+    """Predicts a disk of ``radius`` around the first positive click, minus a disk around each negative click;
+    a first click's alternatives 1 and 2 (the widget's N), disks of twice and three times ``radius``.
 
     Records every call; ``gate``, when set, makes ``predict`` wait until it is opened (to test superseding).
     """
@@ -25,19 +26,25 @@ class DiskPredictor:
         self.shape = image.shape[:2]
         self.images.append((image.shape, image.dtype, contrast_limits))
 
-    def disk(self, center) -> np.ndarray:
+    def disk(self, center, radius: int | None = None) -> np.ndarray:
         rows, cols = np.ogrid[: self.shape[0], : self.shape[1]]
-        return (rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= self.radius**2
+        return (rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= (radius or self.radius) ** 2
 
-    def predict(self, points, labels, prev_mask=None, return_crop=False):
+    def alternatives(self) -> int:
+        return 3
+
+    def predict(self, points, labels, prev_mask=None, return_crop=False, alternative=0):
+        if prev_mask is not None and alternative:
+            raise ValueError("alternative masks are a first click's (no prev_mask)")  # as the real one
         if prev_mask is not None and hasattr(prev_mask, "full"):  # a PlacedMask, as the widget passes it
             prev_mask = prev_mask.full()
-        self.calls.append({"points": points.copy(), "labels": labels.copy(), "prev_mask": prev_mask})
+        call = {"points": points.copy(), "labels": labels.copy(), "prev_mask": prev_mask, "alternative": alternative}
+        self.calls.append(call)
         if self.gate is not None:
             self.gate.wait(10)
         if self.error is not None:
             raise self.error
-        mask = self.disk(points[labels == 1][0])
+        mask = self.disk(points[labels == 1][0], self.radius * (alternative + 1))
         for point in points[labels == 0]:
             mask &= ~self.disk(point)
         if not return_crop:

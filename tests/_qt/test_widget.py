@@ -164,6 +164,41 @@ def test_keys_on_the_clicks_layer(make_widget, predictor, qtbot):
     assert not labels.data.any()
 
 
+def test_n_cycles_the_first_clicks_masks_and_a_further_click_refines_the_one_shown(
+    make_widget, predictor, qtbot, notifications
+):
+    viewer, widget = make_widget((IMAGE, {"name": "image"}))
+    widget._tool.value = True
+    click(widget, qtbot, (30, 40))
+    assert viewer.status == "DeepCrop: mask 1 of 3 (N: the next)"
+    shown = []
+    for _ in range(3):
+        press(viewer, "n")
+        wait(widget, qtbot)
+        shown.append(preview_mask(viewer, IMAGE.shape).sum())
+    radius = predictor.radius
+    assert shown == [predictor.disk((30, 40), 2 * radius).sum(), predictor.disk((30, 40), 3 * radius).sum(),
+                     predictor.disk((30, 40)).sum()]  # fmt: skip
+    assert [c["alternative"] for c in predictor.calls] == [0, 1, 2, 0]
+    assert viewer.status == "DeepCrop: mask 1 of 3 (N: the next)"
+    press(viewer, "n")
+    wait(widget, qtbot)
+    click(widget, qtbot, (30, 50), positive=False)  # refines the second mask, the one shown
+    assert predictor.calls[-1]["alternative"] == 0
+    np.testing.assert_array_equal(predictor.calls[-1]["prev_mask"], predictor.disk((30, 40), 2 * radius))
+    calls = len(predictor.calls)
+    assert not widget.other_mask()  # a refined mask has no alternatives
+    assert len(predictor.calls) == calls and "for an object's first click only" in notifications[-1]
+    press(viewer, "Control-Z")  # the negative click removed: the first click's chosen mask again
+    wait(widget, qtbot)
+    assert predictor.calls[-1]["alternative"] == 1
+    np.testing.assert_array_equal(preview_mask(viewer, IMAGE.shape), predictor.disk((30, 40), 2 * radius))
+    press(viewer, "Enter")
+    assert (widget._target.value.data == 1).sum() == predictor.disk((30, 40), 2 * radius).sum()
+    click(widget, qtbot, (10, 10))  # a new object starts from the network's choice
+    assert predictor.calls[-1]["alternative"] == 0
+
+
 def test_negative_click_passes_label_0_and_previous_mask(make_widget, predictor, qtbot):
     viewer, widget = make_widget((IMAGE, {"name": "image"}))
     click(widget, qtbot, (30, 40))

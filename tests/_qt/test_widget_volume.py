@@ -55,7 +55,10 @@ class BlobPredictor:
     def set_image(self, image, contrast_limits=None, channels=None) -> None:
         self.image = np.asarray(image)
 
-    def predict(self, points, labels, prev_mask=None, return_crop=False):
+    def alternatives(self) -> int:
+        return 1
+
+    def predict(self, points, labels, prev_mask=None, return_crop=False, alternative=0):
         self.calls.append((int(self.image[0, 0]), points.copy(), labels.copy()))
         if self.gate is not None:
             self.gate.wait(10)
