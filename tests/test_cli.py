@@ -21,7 +21,29 @@ def test_segment_writes_the_mask(tmp_path, disk_model, capsys):
     written = iio.imread(out) > 0
     assert written.shape == mask.shape
     assert (written & mask).sum() / (written | mask).sum() > 0.8
-    assert "predicted IoU" in capsys.readouterr().out
+    assert "mask 1 of 4, predicted IoU" in capsys.readouterr().out  # sides 64, 128, 256, 512 on 300 px
+
+
+def test_segment_gives_the_first_clicks_other_masks(tmp_path, disk_model, capsys):
+    from napari_deepcrop.predictor import DeepCropPredictor
+
+    checkpoint = save_checkpoint(tmp_path / "disk.pt", disk_model)
+    image, _ = disk_image(300, (150, 120), 45, seed=77)
+    iio.imwrite(tmp_path / "image.png", image)
+    predictor = DeepCropPredictor(disk_model, device="cpu")
+    predictor.set_image(image)
+    count = predictor.alternatives()
+    for k in range(count):
+        out = tmp_path / f"mask{k}.png"
+        main(["segment", str(tmp_path / "image.png"), "--click", "150,120", "-o", str(out), "--alternative", str(k),
+              "--checkpoint", str(checkpoint), "--device", "cpu"])  # fmt: skip
+        assert f"mask {k + 1} of {count}," in capsys.readouterr().out
+        expected, _ = predictor.predict(np.array([[150, 120]]), np.array([1]), alternative=k)
+        np.testing.assert_array_equal(iio.imread(out) > 0, expected)
+    with pytest.raises(SystemExit, match=rf"--alternative must be in 0\.\.{count - 1} on this image"):
+        main(["segment", str(tmp_path / "image.png"), "--click", "150,120", "-o", str(tmp_path / "bad.png"),
+              "--alternative", str(count), "--checkpoint", str(checkpoint), "--device", "cpu"])  # fmt: skip
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_segment_errors_are_messages_not_tracebacks(tmp_path):

@@ -66,12 +66,19 @@ def segment(args: argparse.Namespace) -> None:
     pixels = image[plane]
     limits = contrast_around(pixels)
     labelled = tuple((r, c, 1) for *_, r, c in args.click) + tuple((r, c, 0) for *_, r, c in args.negative)
-    seed = predict_object(predictor, pixels, labelled, contrast_limits=limits)
+    if args.alternative:
+        predictor.set_image(pixels, contrast_limits=limits)
+        if not 0 <= args.alternative < predictor.alternatives():
+            raise ValueError(f"--alternative must be in 0..{predictor.alternatives() - 1} on this image")
+    seed = predict_object(predictor, pixels, labelled, contrast_limits=limits, alternative=args.alternative)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if len(spatial) == 2:
         mask = seed.full()
         iio.imwrite(args.output, (mask * 255).astype(np.uint8))
-        print(f"{args.output}: {int(mask.sum())} object pixels, predicted IoU {seed.score:.3f} ({predictor.device})")
+        which = f"mask {seed.alternative + 1} of {seed.alternatives}, " if seed.alternatives > 1 else ""
+        print(
+            f"{args.output}: {int(mask.sum())} object pixels, {which}predicted IoU {seed.score:.3f} ({predictor.device})"
+        )
         return
     axis = len(plane) - 1 if args.axis is None else args.axis
     if args.propagate:
@@ -152,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="default: the bundled model")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     p.add_argument("--no-snap", action="store_true", help="the network's mask as it is, not snapped to edges")
+    p.add_argument(
+        "--alternative", type=int, default=0,
+        help="the first click's K-th other mask, best by score first (0, the default: the network's choice; the "
+        "widget's N)",
+    )  # fmt: skip
     p.set_defaults(func=segment)
 
     p = sub.add_parser("gui", help="open napari with the DeepCrop widget on an image (default: a sample)")
