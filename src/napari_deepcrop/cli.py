@@ -76,9 +76,8 @@ def segment(args: argparse.Namespace) -> None:
         mask = seed.full()
         iio.imwrite(args.output, (mask * 255).astype(np.uint8))
         which = f"mask {seed.alternative + 1} of {seed.alternatives}, " if seed.alternatives > 1 else ""
-        print(
-            f"{args.output}: {int(mask.sum())} object pixels, {which}predicted IoU {seed.score:.3f} ({predictor.device})"
-        )
+        pixels_note = f"{int(mask.sum())} object pixels, {which}predicted IoU {seed.score:.3f}"
+        print(f"{args.output}: {pixels_note} ({predictor.device})")
         return
     axis = len(plane) - 1 if args.axis is None else args.axis
     if args.propagate:
