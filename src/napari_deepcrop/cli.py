@@ -66,11 +66,9 @@ def segment(args: argparse.Namespace) -> None:
     pixels = image[plane]
     limits = contrast_around(pixels)
     labelled = tuple((r, c, 1) for *_, r, c in args.click) + tuple((r, c, 0) for *_, r, c in args.negative)
-    if args.alternative:
-        predictor.set_image(pixels, contrast_limits=limits)
-        if not 0 <= args.alternative < predictor.alternatives():
-            raise ValueError(f"--alternative must be in 0..{predictor.alternatives() - 1} on this image")
     seed = predict_object(predictor, pixels, labelled, contrast_limits=limits, alternative=args.alternative)
+    if seed.alternative != args.alternative:  # predict_object cycles; here a K beyond the count is a mistake
+        raise ValueError(f"--alternative must be in 0..{seed.alternatives - 1} on this image")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if len(spatial) == 2:
         mask = seed.full()
