@@ -196,12 +196,18 @@ def disk(radius: int) -> np.ndarray:
     return rr**2 + cc**2 <= radius**2
 
 
+def object_radius(args: argparse.Namespace, side: int) -> int:
+    """The disk's radius in an image of this side: ``--radius``, or a tenth of the side within 12-200 px (so the
+    object grows with the image up to 2,000², and a further click's crops with it)."""
+    return args.radius if args.radius is not None else max(12, min(side // 10, 200))
+
+
 def deepcrop_rows(args: argparse.Namespace, device: str) -> list[Row]:
     predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, device=device, snap_edges=False)
     rows = []
     for size in args.sizes:
         click = (size * 3 // 7, size * 4 // 7)
-        image = object_image((size, size, 3), np.uint8, click, radius=max(12, min(size // 10, 200)))
+        image = object_image((size, size, 3), np.uint8, click, radius=object_radius(args, size))
         for path in ("crop", "full") if size >= CROP_PATH_FROM else ("full",):
             session = click_session(predictor, image, click, path == "crop")
             rows.append(run_case(f"{size}x{size} RGB uint8", device, path, session, args.repeats))
@@ -214,7 +220,7 @@ def deepcrop_rows(args: argparse.Namespace, device: str) -> list[Row]:
     if args.stack:
         depth, height, width = args.stack
         click = (height // 2, width // 3)
-        stack = object_image(args.stack, np.uint16, click, radius=max(12, min(height // 10, 200)))
+        stack = object_image(args.stack, np.uint16, click, radius=object_radius(args, height))
         one_slice = stack[depth // 2]  # napari hands over the displayed slice: a view, no copy
         for path in ("crop", "full"):
             session = click_session(predictor, one_slice, click, path == "crop")
@@ -269,7 +275,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.0f}-{max(values):.0f})"
 
 
-def print_header(info: dict, repeats: int) -> None:
+def print_header(info: dict, repeats: int, radius: int | None) -> None:
     print(
         f"# machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['torch_threads']} "
         f"threads, CUDA: {info['cuda'] or 'none'}; load average {info['load_average']}"
@@ -278,6 +284,8 @@ def print_header(info: dict, repeats: int) -> None:
         f"# ms: median (min-max) of {repeats} runs after one warm-up; first = set_image + 1 click, "
         "further = 2nd click with prev_mask"
     )
+    shown = f"{radius} px in every image" if radius is not None else "a tenth of the image's side, 12-200 px"
+    print(f"# the object: a bright disk on noise, its radius {shown}")
     print(
         "# memory, one more run of first + further: numpy MB = tracemalloc peak (numpy buffers; torch's "
         f"are not traced); RSS MB = peak resident growth ({PeakRss.source})"
@@ -303,6 +311,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all", help="all: CPU + any CUDA")
     parser.add_argument("--checkpoint", type=Path, help="default: the bundled checkpoint")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument(
+        "--radius", type=int,
+        help="the object's radius in pixels in every image and the stack (default: a tenth of the side, 12-200 "
+        "px); one radius times the image's size alone, e.g. --sizes 1024 10000 --radius 200",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="512² and 1024², an 8x512x512 stack, 3 repeats")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write rows and machine as JSON")
     args = parser.parse_args(argv)
@@ -312,6 +325,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.stack = None if stack.lower() == "none" else tuple(int(v) for v in stack.lower().split("x"))
     if args.stack is not None and len(args.stack) != 3:
         parser.error(f"--stack must be DxHxW or none, got {stack}")
+    if args.radius is not None:
+        # the click sits at 3/7 of the height (RGB) or 1/3 of the width (the stack): the disk must fit around it
+        sides = [size * 3 // 7 for size in args.sizes]
+        if args.stack:
+            sides += [args.stack[1] // 2, args.stack[2] // 3]
+        if not 1 <= args.radius < min(sides):
+            parser.error(f"--radius must be at least 1 and below {min(sides)} for these sizes, got {args.radius}")
     args.devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     args.devices = [d for d in args.devices if d == "cpu" or torch.cuda.is_available()]
     if not args.devices:
@@ -324,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:  # on a busy machine, spinning OpenMP threads wait for each other: 1 thread can be faster
         torch.set_num_threads(args.threads)
     info = machine()
-    print_header(info, args.repeats)
+    print_header(info, args.repeats, args.radius)
     rows, not_measured = [], []
     for device in args.devices:
         rows += deepcrop_rows(args, device)
@@ -335,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "machine": info,
         "repeats": args.repeats,
+        "radius": args.radius,
         "rss": PeakRss.source,
         "not_measured": not_measured,
         "rows": [asdict(row) for row in rows],
