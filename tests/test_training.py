@@ -137,6 +137,42 @@ def test_resume_continues_exactly(coco, tmp_path):
     assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"]
 
 
+def test_average_epochs_makes_the_model_the_mean_of_the_last_epochs_weights_and_resumes_exactly(coco, tmp_path):
+    # 3 steps an epoch; without averaging, the weights at the end of epochs 2 and 3
+    train.main(args_for(coco, tmp_path / "plain", "--max-steps", "6"))
+    second = read_checkpoint(tmp_path / "plain" / "checkpoint.pt")
+    train.main(args_for(coco, tmp_path / "plain", "--resume", str(tmp_path / "plain" / "checkpoint.pt")))
+    third = read_checkpoint(tmp_path / "plain" / "checkpoint.pt")
+    assert (second["epoch"], third["epoch"]) == (2, 3)
+    # the same run averaging its last 2 epochs, interrupted after the second and resumed
+    out = tmp_path / "averaged"
+    train.main(args_for(coco, out, "--average-epochs", "2", "--max-steps", "6"))
+    assert read_checkpoint(out / "checkpoint.pt")["averaged"]["n_averaged"] == 1
+    train.main(args_for(coco, out, "--average-epochs", "2", "--resume", str(out / "checkpoint.pt")))
+    done = read_checkpoint(out / "checkpoint.pt")
+    assert done["epoch"] == 3 and done["averaged"]["n_averaged"] == 2
+    floats = [key for key, value in third["model"].items() if value.is_floating_point()]
+    assert any(key.endswith("running_mean") for key in floats)  # batch norm statistics are averaged too
+    moved = 0
+    for key in floats:
+        mean = (second["model"][key] + third["model"][key]) / 2
+        assert torch.allclose(done["model"][key], mean, atol=1e-5), key
+        moved += not torch.equal(second["model"][key], third["model"][key])
+    assert moved > len(floats) // 2  # the two epochs' weights differ, so the mean is neither of them
+    model, _ = load_checkpoint(out / "checkpoint.pt")  # what --init and the next stage take
+    assert torch.allclose(model.state_dict()[floats[0]], done["model"][floats[0]])
+
+
+def test_average_epochs_out_of_range_or_without_the_epochs_to_average_is_refused(coco, tmp_path):
+    with pytest.raises(SystemExit, match="--average-epochs must be from 0 to --epochs"):
+        train.main(args_for(coco, tmp_path / "a", "--average-epochs", "4"))
+    train.main(args_for(coco, tmp_path / "b", "--max-steps", "6"))  # 2 epochs without averaging
+    with pytest.raises(SystemExit, match="trained without --average-epochs past epoch 1"):
+        train.main(
+            args_for(coco, tmp_path / "b", "--average-epochs", "2", "--resume", str(tmp_path / "b" / "checkpoint.pt"))
+        )
+
+
 def test_fine_tune_from_init_and_test_only(coco, tmp_path):
     train.main(args_for(coco, tmp_path / "base", "--max-steps", "1"))
     metrics = train.main(

