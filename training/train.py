@@ -388,6 +388,8 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
     ``on_step(step)`` runs after every optimizer step; an exception raised there ends the run unsaved (the
     napari widget's cancel button).
     """
+    if not 0 <= args.average_epochs <= args.epochs:  # before any data is read
+        raise SystemExit(f"--average-epochs must be from 0 to --epochs ({args.epochs}), got {args.average_epochs}")
     owns_group = not dist.is_initialized()  # else run_stages leaves the group after the last stage
     rank, world, local = init_distributed()
     is_main = rank == 0
@@ -451,8 +453,6 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
 
     model_without_ddp = model
     averaged = None
-    if not 0 <= args.average_epochs <= args.epochs:
-        raise SystemExit(f"--average-epochs must be from 0 to --epochs ({args.epochs}), got {args.average_epochs}")
     if args.average_epochs:
         # the last K epochs' weights and batch norm statistics, averaged as they come (Izmailov et al. 2018)
         averaged = AveragedModel(model_without_ddp, use_buffers=True)
@@ -548,11 +548,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
                     elapsed_s=round(time.time() - start, 1),
                 )
                 _append_csv(log_path, metrics)
-                print(
-                    f"epoch {epoch} step {step}: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
-                    flush=True,
-                )
+                print(f"epoch {epoch} step {step}: {_shown(metrics)}", flush=True)
                 if metrics["mean_iou"] > best:
                     best = metrics["mean_iou"]
                     save("best.pt", epoch + int(finished_epoch), step)
@@ -563,7 +559,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
                 # the run's model: the average, validated, in checkpoint.pt (what --init and the next stage take)
                 if is_main:
                     metrics = evaluate(averaged.module, val_loader, device, not args.no_progress)
-                    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+                    shown = _shown(metrics)
                     print(f"the average of the last {args.average_epochs} epochs' weights: {shown}", flush=True)
                 save("checkpoint.pt", epoch, step, averaged.module)
             else:
@@ -589,6 +585,11 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         )
     _cleanup(world if owns_group else 1)
     return metrics
+
+
+def _shown(metrics: dict[str, Any]) -> str:
+    """The float figures of a validation, as the log prints them."""
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001
