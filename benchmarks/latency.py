@@ -196,6 +196,16 @@ def disk(radius: int) -> np.ndarray:
     return rr**2 + cc**2 <= radius**2
 
 
+def rgb_click(size: int) -> tuple[int, int]:
+    """Where the RGB rows click (row, col), off the centre of a ``size`` x ``size`` image."""
+    return size * 3 // 7, size * 4 // 7
+
+
+def stack_click(height: int, width: int) -> tuple[int, int]:
+    """Where the stack's row clicks (row, col) on its slice."""
+    return height // 2, width // 3
+
+
 def object_radius(args: argparse.Namespace, side: int) -> int:
     """The disk's radius in an image of this side: ``--radius``, or a tenth of the side within 12-200 px (so the
     object grows with the image up to 2,000², and a further click's crops with it)."""
@@ -206,7 +216,7 @@ def deepcrop_rows(args: argparse.Namespace, device: str) -> list[Row]:
     predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, device=device, snap_edges=False)
     rows = []
     for size in args.sizes:
-        click = (size * 3 // 7, size * 4 // 7)
+        click = rgb_click(size)
         image = object_image((size, size, 3), np.uint8, click, radius=object_radius(args, size))
         for path in ("crop", "full") if size >= CROP_PATH_FROM else ("full",):
             session = click_session(predictor, image, click, path == "crop")
@@ -219,7 +229,7 @@ def deepcrop_rows(args: argparse.Namespace, device: str) -> list[Row]:
         del image
     if args.stack:
         depth, height, width = args.stack
-        click = (height // 2, width // 3)
+        click = stack_click(height, width)
         stack = object_image(args.stack, np.uint16, click, radius=object_radius(args, height))
         one_slice = stack[depth // 2]  # napari hands over the displayed slice: a view, no copy
         for path in ("crop", "full"):
@@ -326,12 +336,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.stack is not None and len(args.stack) != 3:
         parser.error(f"--stack must be DxHxW or none, got {stack}")
     if args.radius is not None:
-        # the click sits at 3/7 of the height (RGB) or 1/3 of the width (the stack): the disk must fit around it
-        sides = [size * 3 // 7 for size in args.sizes]
+        # the disk must fit around the click: below the click's distance to the nearest image border
+        clicks = [(rgb_click(size), size, size) for size in args.sizes]
         if args.stack:
-            sides += [args.stack[1] // 2, args.stack[2] // 3]
-        if not 1 <= args.radius < min(sides):
-            parser.error(f"--radius must be at least 1 and below {min(sides)} for these sizes, got {args.radius}")
+            clicks.append((stack_click(*args.stack[1:]), *args.stack[1:]))
+        room = min(min(row, col, height - row, width - col) for (row, col), height, width in clicks)
+        if not 1 <= args.radius < room:
+            parser.error(f"--radius must be at least 1 and below {room} for these sizes, got {args.radius}")
     args.devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     args.devices = [d for d in args.devices if d == "cpu" or torch.cuda.is_available()]
     if not args.devices:
