@@ -79,3 +79,7 @@ def test_pretrained_deepcrop_starts_with_the_imagenet_trunk():
     scratch = DeepCropV2(config)
     assert not torch.equal(scratch.trunk.blocks[5].depthwise[0].weight, imagenet.blocks[5].depthwise[0].weight)
     assert model.trunk.channels == [16, 24, 40, 112]
+    deep = DeepCropV2(DeepCropConfig(trunk="efficientnet_lite0", input_size=64, trunk_stride=32), pretrained="imagenet")
+    assert deep.trunk.channels == [16, 24, 40, 112, 320]  # cut after the last block, before the classifier's head
+    assert len(deep.trunk.blocks) == len(imagenet.blocks)
+    assert torch.equal(deep.trunk.blocks[-1].project[0].weight, imagenet.blocks[-1].project[0].weight)

@@ -4,14 +4,15 @@ import threading
 import pytest
 import torch
 
-from napari_deepcrop.model import HEADS, SCORE_HEADS, TRUNKS, DeepCropConfig, DeepCropV2
+from napari_deepcrop.model import HEADS, SCORE_HEADS, TRUNK_STRIDES, TRUNKS, DeepCropConfig, DeepCropV2
 
 
+@pytest.mark.parametrize("trunk_stride", TRUNK_STRIDES)
 @pytest.mark.parametrize("score_head", SCORE_HEADS)
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("trunk", TRUNKS)
-def test_forward_backward_shapes(trunk, head, score_head):
-    config = DeepCropConfig(trunk=trunk, head=head, input_size=64, score_head=score_head)
+def test_forward_backward_shapes(trunk, head, score_head, trunk_stride):
+    config = DeepCropConfig(trunk=trunk, head=head, input_size=64, score_head=score_head, trunk_stride=trunk_stride)
     model = DeepCropV2(config)
     image = torch.rand(2, 3, 64, 64)
     planes = torch.rand(2, config.click_planes, 64, 64)
@@ -23,6 +24,31 @@ def test_forward_backward_shapes(trunk, head, score_head):
     assert first.shape[1] == 3 + config.click_planes
     assert first.grad is not None and first.grad[:, 3:].abs().sum() > 0, "click planes must reach the trunk"
     assert all(p.grad is not None for p in model.score_head.parameters())
+    assert all(p.grad is not None for p in model.mask_head.parameters()), "every trunk stage reaches the mask"
+
+
+@pytest.mark.parametrize("trunk", ["resnet18", "efficientnet_lite0"])
+def test_a_stride_32_trunk_adds_its_deepest_stage_and_keeps_the_others(trunk):
+    torch.manual_seed(0)
+    x = torch.rand(1, 6, 128, 128)
+    short = DeepCropV2(DeepCropConfig(trunk=trunk, input_size=128)).trunk.eval()
+    deep = DeepCropV2(DeepCropConfig(trunk=trunk, input_size=128, trunk_stride=32)).trunk.eval()
+    deep.load_state_dict(short.state_dict(), strict=False)  # the stages both have: the same weights
+    with torch.no_grad():
+        feats_short, feats_deep = short(x), deep(x)
+    assert [f.shape[-1] for f in feats_deep] == [64, 32, 16, 8, 4]
+    assert deep.channels[:4] == short.channels and len(deep.channels) == 5
+    for a, b in zip(feats_short, feats_deep[:4], strict=True):
+        assert torch.equal(a, b)
+    head = DeepCropV2(DeepCropConfig(trunk=trunk, input_size=128, trunk_stride=32)).mask_head
+    assert len(head.skips) == len(head.merges) == 4  # the extra merge works at stride 16
+
+
+def test_the_stride_16_refinement_head_keeps_its_layout():
+    """The bundled checkpoints' keys and shapes (trunk_stride=16, the default) are those of before trunk_stride."""
+    shapes = {k: tuple(v.shape) for k, v in DeepCropV2(DeepCropConfig(input_size=64)).mask_head.state_dict().items()}
+    assert shapes["skips.2.0.weight"] == (64, 128, 3, 3) and shapes["merges.0.0.weight"] == (64, 192, 3, 3)
+    assert shapes["merges.2.0.weight"] == (32, 64, 3, 3) and "skips.3.0.weight" not in shapes
 
 
 def test_the_mask_score_head_sees_a_mask_cut_by_the_crop_border():
@@ -132,10 +158,14 @@ def _distinct_statistics(model: DeepCropV2, sizes) -> None:
 
 
 @pytest.mark.parametrize(("head", "refine_size"), [("deepmask", None), ("refine", None), ("refine", 96)])
-@pytest.mark.parametrize("trunk", ["resnet18", "resnet50", "efficientnet_lite0"])
-def test_a_folded_copy_has_no_batch_norm_and_the_networks_outputs_at_its_size(trunk, head, refine_size):
+@pytest.mark.parametrize(
+    ("trunk", "trunk_stride"),
+    [("resnet18", 16), ("resnet50", 16), ("efficientnet_lite0", 16), ("efficientnet_lite0", 32)],
+)
+def test_a_folded_copy_has_no_batch_norm_and_the_networks_outputs_at_its_size(trunk, trunk_stride, head, refine_size):
     torch.manual_seed(0)
-    model = DeepCropV2(DeepCropConfig(trunk=trunk, head=head, input_size=64, refine_size=refine_size)).eval()
+    config = DeepCropConfig(trunk=trunk, head=head, input_size=64, refine_size=refine_size, trunk_stride=trunk_stride)
+    model = DeepCropV2(config).eval()
     _distinct_statistics(model, model.config.sizes)
     for size in model.config.sizes:
         folded = model.folded(size)
@@ -203,6 +233,13 @@ def test_config_rejects_bad_values():
         DeepCropConfig(trunk="vgg16")
     with pytest.raises(ValueError, match="multiple of 16"):
         DeepCropConfig(input_size=100)
+    with pytest.raises(ValueError, match="trunk_stride must be one of"):
+        DeepCropConfig(trunk_stride=8)
+    with pytest.raises(ValueError, match="input_size must be a multiple of 32"):
+        DeepCropConfig(input_size=80, trunk_stride=32)
+    with pytest.raises(ValueError, match="refine_size must be a multiple of 32"):
+        DeepCropConfig(input_size=64, refine_size=80, trunk_stride=32)
+    assert DeepCropConfig.from_dict(DeepCropConfig(input_size=64, trunk_stride=32).to_dict()).trunk_stride == 32
     with pytest.raises(ValueError, match="score_head"):
         DeepCropConfig(score_head="mlp")
     with pytest.raises(ValueError, match="unknown DeepCropConfig keys"):

