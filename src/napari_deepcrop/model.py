@@ -151,8 +151,8 @@ class _ResNetTrunk(nn.Module):
         self.pool = net.maxpool
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         self.layer4 = net.layer4 if config.trunk_stride == 32 else None
-        layers = [net.layer1, net.layer2, net.layer3] + ([net.layer4] if self.layer4 is not None else [])
-        self.channels = [net.bn1.num_features] + [_out_channels(layer) for layer in layers]
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        self.channels = [net.bn1.num_features] + [_out_channels(layer) for layer in layers if layer is not None]
 
     @property
     def first_conv(self) -> nn.Conv2d:
