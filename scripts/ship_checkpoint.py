@@ -1,6 +1,9 @@
 """Turn a training checkpoint into the bundled default: model only, float16, with its provenance and numbers.
 
-    python scripts/ship_checkpoint.py runs/default/ladder/checkpoint.pt --metrics grabcut.json --note "..."
+    python scripts/ship_checkpoint.py runs/default/focus256/checkpoint.pt --metrics grabcut.json --note "..."
+
+A stage that started from another's weights (``--init``, as each stage of a recipe does) records that stage's
+``meta`` under ``init_meta``, and so on down to the first: the file says how every stage was trained.
 """
 
 from __future__ import annotations
@@ -9,21 +12,29 @@ import argparse
 import json
 from pathlib import Path
 
-from napari_deepcrop.checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
+from napari_deepcrop.checkpoint import default_checkpoint_path, load_checkpoint, read_checkpoint, save_checkpoint
 
 
-def main() -> None:
+def with_init_meta(meta: dict, seen: frozenset[Path] = frozenset()) -> dict:
+    """``meta`` with the ``meta`` of the checkpoint it started from (``args.init``) under ``init_meta``, recursively,
+    while those files exist (a stage shipped before keeps the ``init_meta`` it was shipped with)."""
+    meta = dict(meta)
+    init = meta.get("args", {}).get("init")
+    if init and Path(init).is_file() and Path(init).resolve() not in seen:
+        parent = read_checkpoint(init).get("meta", {})
+        meta["init_meta"] = with_init_meta(parent, seen | {Path(init).resolve()})
+    return meta
+
+
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("-o", "--output", type=Path, default=default_checkpoint_path())
     parser.add_argument("--metrics", type=Path, action="append", default=[], help="JSON files of measured numbers")
     parser.add_argument("--note", help="anything else the file should say about where it came from")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model, payload = load_checkpoint(args.checkpoint)
-    meta = dict(payload.get("meta", {}))
-    init = meta.get("args", {}).get("init")
-    if init and Path(init).exists():  # a fine-tune: keep where its starting point came from (read before overwriting)
-        meta["init_meta"] = load_checkpoint(init)[1].get("meta", {})
+    meta = with_init_meta(payload.get("meta", {}))  # read before the output may overwrite a stage's init
     if args.note:
         meta["note"] = args.note
     meta.update(
@@ -35,6 +46,7 @@ def main() -> None:
     )
     path = save_checkpoint(args.output, model, half=True, meta=meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return path
 
 
 if __name__ == "__main__":

@@ -80,3 +80,37 @@ def test_bundled_checkpoint_loads_into_a_predictor():
     p.set_image(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
     mask, score = p.predict(np.array([[60, 80]]), np.array([1]))
     assert mask.shape == (120, 160)
+
+
+def test_shipping_keeps_every_stage_of_a_recipe(tmp_path):
+    """scripts/ship_checkpoint.py: float16 weights, the metrics, and each stage's meta nested down to the first."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "scripts" / "ship_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("ship_checkpoint", script)
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+
+    model = DeepCropV2(DeepCropConfig(input_size=64)).eval()
+    init = None
+    for stage in ("objects", "ladder", "focus"):
+        meta = {"args": {"stage": stage, "init": str(init) if init else None}, "git_commit": f"commit-{stage}"}
+        init = save_checkpoint(tmp_path / stage / "checkpoint.pt", model, meta=meta, step=7)
+    (tmp_path / "grabcut.json").write_text(json.dumps({"noc@90": 4.0}))
+    shipped = ship.main(
+        [str(init), "-o", str(tmp_path / "shipped.pt"), "--metrics", str(tmp_path / "grabcut.json"), "--note", "n"]
+    )
+
+    loaded, payload = load_checkpoint(shipped)
+    meta = payload["meta"]
+    assert meta["metrics"] == {"grabcut": {"noc@90": 4.0}} and meta["note"] == "n" and meta["trained_steps"] == 7
+    stages = []
+    while meta:
+        stages.append(meta["args"]["stage"])
+        meta = meta.get("init_meta")
+    assert stages == ["focus", "ladder", "objects"]
+    assert all(v.dtype == torch.float16 for v in payload["model"].values() if v.is_floating_point())
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
