@@ -15,7 +15,7 @@ import torch
 from pycocotools import mask as mask_utils
 from synthetic import disk_image
 
-from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint
+from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 from napari_deepcrop.training import train
 
@@ -311,6 +311,33 @@ def test_sigterm_saves_a_resumable_checkpoint(coco, tmp_path):
     assert "interrupted: saved" in err
     assert read_checkpoint(out / "checkpoint.pt")["step"] > 0
     load_checkpoint(out / "checkpoint.pt")  # what the predictor loads
+
+
+def test_init_refuses_flags_of_another_architecture(coco, tmp_path):
+    """--init's network keeps its architecture: an architecture flag that differs stops the run with the reason
+    before anything is written; the same value, or none, fine-tunes it."""
+    base = save_checkpoint(tmp_path / "base.pt", DeepCropV2(DeepCropConfig(trunk="resnet18", input_size=64)))
+    for flags, said in [
+        (["--trunk", "efficientnet_lite0"], "--trunk efficientnet_lite0 (the model's: resnet18)"),
+        (["--trunk-stride", "32"], "--trunk-stride 32 (the model's: 16)"),
+        (["--head", "deepmask", "--input-size", "96"], "--head deepmask (the model's: refine), --input-size 96"),
+    ]:
+        out = tmp_path / flags[0].strip("-")
+        with pytest.raises(SystemExit, match=re.escape(said)):
+            train.main(args_for(coco, out, "--init", str(base), "--max-steps", "1", *flags))
+        assert not out.exists() or not any(out.iterdir())
+    train.main(args_for(coco, tmp_path / "same", "--init", str(base), "--max-steps", "1", "--trunk", "resnet18"))
+    assert read_checkpoint(tmp_path / "same" / "checkpoint.pt")["config"]["trunk"] == "resnet18"
+
+
+def test_a_recipe_recorded_with_the_architecture_defaults_continues(coco, tmp_path):
+    """Runs recorded before the architecture flags defaulted to None stored the defaults themselves: the same
+    command continues them; another trunk is another recipe."""
+    args = args_for(coco, tmp_path / "run")
+    recorded = {**train._plain(args), "trunk": "resnet18", "trunk_stride": 16, "head": "refine"}
+    train._check_same_recipe(tmp_path / "run" / "checkpoint.pt", recorded, args)
+    with pytest.raises(SystemExit, match=r"other settings \(trunk\)"):
+        train._check_same_recipe(tmp_path / "run" / "checkpoint.pt", {**recorded, "trunk": "resnet50"}, args)
 
 
 def test_train_only_score_changes_the_score_head_alone(coco, tmp_path):

