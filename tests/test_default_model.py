@@ -10,13 +10,14 @@ from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import DeepCropPredictor
 
 GRABCUT = DATA / "GrabCut"
-# One protocol click on four clear GrabCut objects, measured with the bundled model (refinement at 256 px; snapped /
-# the network's own mask): fullmoon 0.999 / 0.993, flower 0.992 / 0.930, llama 0.924 / 0.891, sheep 0.954 / 0.953
-# (stage 3 before it, at 192 px: llama 0.901 / 0.863, flower 0.994 / 0.879). The ResNet-18 before those fails the
-# bound on two of them (llama 0.197 / 0.197, flower unsnapped 0.509), so the test catches a fall back to a model of
-# that quality, broken weights, a broken crop/paste path or a click-encoding mismatch, without failing on float
-# noise.
-IMAGES, MIN_IOU = ("fullmoon", "flower", "llama", "sheep"), 0.88
+# One protocol click on GrabCut's 50 images with the bundled model (the Lite2 recipe; snapped / the network's own
+# mask): mean IoU 0.780 / 0.762 in benchmarks/accuracy.py (mIoU@1, the README's table); the Lite0 model bundled
+# before it reached 0.723 / 0.704, the ResNet-18 before that 0.522 / 0.462. The bounds sit between, so the test
+# catches a fall back to a model of that quality, broken weights, a broken crop/paste path or a click-encoding
+# mismatch without failing on float noise. Four clear objects must each be right (new model: fullmoon 0.997 / 0.990,
+# flower 0.995 / 0.963, llama 0.933 / 0.923, sheep 0.964 / 0.962; the Lite0 model's llama 0.924 / 0.891).
+MEAN_IOU = {True: 0.76, False: 0.74}
+IMAGES, MIN_IOU = ("fullmoon", "flower", "llama", "sheep"), 0.90
 
 
 def test_recorded_config_rebuilds_the_same_model():
@@ -36,31 +37,35 @@ def test_one_protocol_click_on_real_images(snap_edges):
     from napari_deepcrop.training.evaluate import load_grabcut_folder, mask_iou, next_click
 
     predictor = DeepCropPredictor.from_checkpoint(device="cpu", snap_edges=snap_edges)
-    samples = [s for s in load_grabcut_folder(GRABCUT) if s.name in IMAGES]
-    assert len(samples) == len(IMAGES)
-    for sample in samples:
+    ious = {}
+    for sample in load_grabcut_folder(GRABCUT):
         row, col, positive = next_click(np.zeros_like(sample.gt), sample.gt, sample.ignore)
         assert positive
         predictor.set_image(sample.image)
         mask, score = predictor.predict(np.array([[row, col]]), np.array([1]))
-        assert mask_iou(mask, sample.gt, sample.ignore) > MIN_IOU, sample.name
+        ious[sample.name] = mask_iou(mask, sample.gt, sample.ignore)
         assert 0 <= score <= 1
+    assert len(ious) == 50
+    assert np.mean(list(ious.values())) > MEAN_IOU[snap_edges]
+    assert all(ious[name] > MIN_IOU for name in IMAGES), {name: ious[name] for name in IMAGES}
 
 
 def test_the_checkpoint_records_the_four_stages_of_its_recipe():
     """Refinement crops at 256 px, from refinement crops at 192 px, from ladder crops, from objects, from the ImageNet
-    Lite0 trunk: the file says so, each stage's settings and code, with its numbers."""
+    Lite2 trunk, by one command: the file says so, each stage's settings and code, with its numbers."""
     payload = read_checkpoint(default_checkpoint_path())
     meta = payload["meta"]
-    assert payload["config"]["refine_size"] == meta["args"]["refine_size"] == 256 and meta["args"]["init"]
-    assert payload["config"]["input_size"] == 128 and meta["args"]["ladder_prob"] > 0
-    focus = meta["init_meta"]
-    assert focus["args"]["refine_size"] == 192 and focus["args"]["init"] and focus["git_commit"]
-    ladder = focus["init_meta"]["args"]
-    assert ladder["stage"] == "ladder (2/2)" and ladder["ladder_prob"] > 0 and ladder["config"].endswith("default.toml")
-    first = focus["init_meta"]["init_meta"]["args"]
-    assert first["config"] == ladder["config"] and first["stage"] == "objects (1/2)" and not first["init"]
-    assert first["trunk"] == ladder["trunk"] == focus["args"]["trunk"] == meta["args"]["trunk"] == "efficientnet_lite0"
-    assert first["pretrained"] == "imagenet" and meta["git_commit"]
-    assert focus["init_meta"]["init_meta"]["git_commit"] == focus["init_meta"]["git_commit"]  # stages 1-2: one command
+    stages, stage = [], meta
+    while stage:
+        stages.append(stage)
+        stage = stage.get("init_meta")
+    assert [s["args"]["stage"] for s in stages] == ["focus256 (4/4)", "focus (3/4)", "ladder (2/4)", "objects (1/4)"]
+    focus256, focus, ladder, objects = (s["args"] for s in stages)
+    assert payload["config"]["refine_size"] == focus256["refine_size"] == 256 and focus["refine_size"] == 192
+    assert payload["config"]["input_size"] == 128 and payload["config"]["trunk"] == "efficientnet_lite2"
+    assert ladder["ladder_prob"] > 0 and objects["ladder_prob"] == 0 and not objects["init"]
+    assert all(s["config"].endswith("default.toml") for s in (focus256, focus, ladder, objects))
+    for s in (focus256, focus, ladder, objects):
+        assert s["trunk"] == "efficientnet_lite2" and s["pretrained"] == "imagenet"
+    assert all(s["git_commit"] for s in stages)
     assert {"grabcut", "coco_val_interactive", "val_patches"} <= set(meta["metrics"])

@@ -364,7 +364,7 @@ def test_train_only_score_changes_the_score_head_alone(coco, tmp_path):
 
 
 def test_the_recipe_config_is_four_stages_and_names_real_data(tmp_path):
-    """The recipe: objects from the ImageNet Lite0 trunk, then ladder crops from its last weights, then refinement
+    """The recipe: objects from the ImageNet Lite2 trunk, then ladder crops from its last weights, then refinement
     crops at 192 px from those, then at 256 px, one command."""
     from pathlib import Path
 
@@ -376,7 +376,7 @@ def test_the_recipe_config_is_four_stages_and_names_real_data(tmp_path):
     assert (focus.epochs, focus.ladder_prob, focus.lr, focus.refine_size) == (10, 0.3, 3e-4, 192)
     assert (focus256.epochs, focus256.ladder_prob, focus256.lr, focus256.refine_size) == (10, 0.3, 2e-4, 256)
     assert objects.refine_size is None and ladder.refine_size is None
-    assert all(a.trunk == "efficientnet_lite0" and a.pretrained == "imagenet" for a in stages)
+    assert all(a.trunk == "efficientnet_lite2" and a.pretrained == "imagenet" for a in stages)
     assert ladder.init == tmp_path / "objects" / "checkpoint.pt" and ladder.output_dir == tmp_path / "ladder"
     assert focus.init == tmp_path / "ladder" / "checkpoint.pt" and focus.output_dir == tmp_path / "focus"
     assert focus256.init == tmp_path / "focus" / "checkpoint.pt" and focus256.output_dir == tmp_path / "focus256"
