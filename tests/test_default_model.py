@@ -11,7 +11,7 @@ from napari_deepcrop.predictor import DeepCropPredictor
 
 GRABCUT = DATA / "GrabCut"
 # One protocol click on GrabCut's 50 images with the bundled model (the Lite2 recipe; snapped / the network's own
-# mask): mean IoU 0.780 / 0.762 in benchmarks/accuracy.py (mIoU@1, the README's table); the Lite0 model bundled
+# mask): mean IoU 0.783 / 0.762 in benchmarks/accuracy.py (mIoU@1, the README's table); the Lite0 model bundled
 # before it reached 0.723 / 0.704, the ResNet-18 before that 0.522 / 0.462. The bounds sit between, so the test
 # catches a fall back to a model of that quality, broken weights, a broken crop/paste path or a click-encoding
 # mismatch without failing on float noise. Four clear objects must each be right (new model: fullmoon 0.997 / 0.990,
