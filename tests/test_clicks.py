@@ -126,3 +126,22 @@ def test_focus_crops_sit_on_the_boundary_with_their_click_on_the_object():
         assert label == 1 and gt[round(row), round(col)], (seed, row, col)
     ordinary = make_sample(image, mask, CONFIG, np.random.default_rng(0), True)
     assert float(ordinary["outside"]) < 0.3 * mask.sum() * (64 / 180) ** 2  # not a focus crop: the object in it
+
+
+def test_click_power_spreads_training_clicks_from_the_centre_to_the_whole_object():
+    """Training clicks are drawn with weight depth ** power: 2 (the default) keeps them near a disk's centre (mean
+    r/R 0.4 in theory), 0 spreads them uniformly over it (mean r/R 2/3, as people click anywhere on an object)."""
+    from napari_deepcrop.training.data import CLICK_POWER, _sample_click
+
+    rr, cc = np.ogrid[:201, :201]
+    disk = (rr - 100) ** 2 + (cc - 100) ** 2 <= 80**2
+    rng = np.random.default_rng(0)
+
+    def mean_radius(power):
+        clicks = np.array([_sample_click(disk, rng, protocol_click=False, power=power) for _ in range(1500)])
+        assert disk[clicks[:, 0], clicks[:, 1]].all()
+        return np.hypot(clicks[:, 0] - 100, clicks[:, 1] - 100).mean() / 80
+
+    assert CLICK_POWER == 2.0 and 0.36 < mean_radius(CLICK_POWER) < 0.44
+    assert 0.63 < mean_radius(0.0) < 0.70
+    assert _sample_click(disk, rng, protocol_click=True, power=0.0) == (100, 100)  # the protocol's: the deepest

@@ -606,3 +606,12 @@ def test_training_takes_the_mask_loss_and_records_it(coco, tmp_path):
     assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["meta"]["args"]["mask_loss"] == "nfl"
     with pytest.raises(SystemExit):
         args_for(coco, tmp_path / "bad", "--mask-loss", "dice")
+
+
+def test_click_power_reaches_the_training_crops_and_is_checked(coco, tmp_path):
+    train_set, val_set = train.build_datasets(
+        args_for(coco, tmp_path / "r", "--click-power", "0"), DeepCropConfig(input_size=64)
+    )
+    assert train_set.click_power == 0.0 and train_set.train and not val_set.train
+    with pytest.raises(SystemExit, match="--click-power is a power .* got -1.0"):
+        train.build_datasets(args_for(coco, tmp_path / "r", "--click-power", "-1"), DeepCropConfig(input_size=64))

@@ -42,6 +42,8 @@ VAL_RATIO_RANGE = (0.45, 0.9)
 # log-uniformly in this range (and down to fit), its border feathered by a Gaussian of this sigma in pixels
 PASTE_SCALE_RANGE = (0.75, 1.33)
 PASTE_FEATHER = 1.0
+# training clicks are drawn with weight (distance to the object's boundary) ** CLICK_POWER (train --click-power)
+CLICK_POWER = 2.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ class CocoObjects(Dataset):
     ``ladder_prob`` is the share of training crops cut at one of the predictor's first-click scales
     (:func:`~napari_deepcrop.predictor.first_click_sides`) rather than at a scale relative to the object;
     ``focus_prob`` the share cut as the predictor's focus crops (see :func:`make_sample`); ``paste_prob`` the share
-    of training objects pasted onto another of the images first (:func:`paste_object`).
+    of training objects pasted onto another of the images first (:func:`paste_object`); ``click_power`` how far
+    from the object's centre its training clicks fall (see :func:`make_sample`).
     """
 
     def __init__(
@@ -107,9 +110,10 @@ class CocoObjects(Dataset):
         ladder_prob: float = 0.0,
         focus_prob: float = 0.0,
         paste_prob: float = 0.0,
+        click_power: float = CLICK_POWER,
     ) -> None:
         self.config, self.train, self.ladder_prob, self.focus_prob = config, train, ladder_prob, focus_prob
-        self.paste_prob = paste_prob
+        self.paste_prob, self.click_power = paste_prob, click_power
         self.cocos = [_load_coco(s.annotation_file) for s in sources]
         self.images: list[np.ndarray] = []
         self.file_names: list[str] = []
@@ -151,7 +155,9 @@ class CocoObjects(Dataset):
             other = int(rng.integers(len(self.images) - 1))
             other += other >= obj.image_index  # any image but the object's own
             image, mask = paste_object(image, mask, self.images[other], rng)
-        return make_sample(image, mask, self.config, rng, self.train, self.ladder_prob, self.focus_prob)
+        return make_sample(
+            image, mask, self.config, rng, self.train, self.ladder_prob, self.focus_prob, self.click_power
+        )
 
 
 def make_sample(
@@ -162,8 +168,13 @@ def make_sample(
     train: bool,
     ladder_prob: float = 0.0,
     focus_prob: float = 0.0,
+    click_power: float = CLICK_POWER,
 ) -> dict[str, torch.Tensor]:
     """One training (or validation) sample of an object ``mask`` in an RGB uint8 ``image``.
+
+    The click is the object's deepest point (the protocol's first click; every validation sample, 35 % of the
+    training ones) or an interior point drawn with weight (distance to the boundary) ** ``click_power``: 2 keeps
+    it near the centre, 0 draws it uniformly over the object, as people click.
 
     The crop's side is drawn relative to the object (``RATIO_RANGE``), or, with probability ``ladder_prob``,
     among the sides a first click tries on this image, however small or large the object is in them: what the
@@ -182,7 +193,7 @@ def make_sample(
     if train and focus_prob > 0 and rng.random() < focus_prob:
         crop, click = _focus_crop(mask, extent, rng)
     else:
-        click = _sample_click(mask, rng, protocol_click=not train or rng.random() < 0.35)
+        click = _sample_click(mask, rng, protocol_click=not train or rng.random() < 0.35, power=click_power)
         low, high = RATIO_RANGE if train else VAL_RATIO_RANGE
         if train and ladder_prob > 0 and rng.random() < ladder_prob:
             side = float(rng.choice(first_click_sides(mask.shape)))
@@ -287,15 +298,17 @@ def _focus_crop(mask: np.ndarray, extent: int, rng: np.random.Generator) -> tupl
     return crop, _sample_click(held if held.any() else mask, rng, protocol_click=False)
 
 
-def _sample_click(mask: np.ndarray, rng: np.random.Generator, protocol_click: bool) -> tuple[int, int]:
-    """An interior point, drawn with weight (distance to boundary)^2, or the deepest one (the protocol's)."""
+def _sample_click(
+    mask: np.ndarray, rng: np.random.Generator, protocol_click: bool, power: float = CLICK_POWER
+) -> tuple[int, int]:
+    """An interior point, drawn with weight (distance to boundary) ** power, or the deepest one (the protocol's)."""
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     sub = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     depth = ndimage.distance_transform_edt(np.pad(sub, 1))[1:-1, 1:-1]
     if protocol_click:
         flat = int(np.argmax(depth))
     else:
-        weights = depth.ravel() ** 2
+        weights = (depth.ravel() ** power) * (depth.ravel() > 0)  # outside the object: none, also at power 0
         flat = int(rng.choice(weights.size, p=weights / weights.sum()))
     r, c = np.unravel_index(flat, depth.shape)
     return int(r + rows[0]), int(c + cols[0])

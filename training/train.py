@@ -40,7 +40,7 @@ from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_ch
 from napari_deepcrop.model import SCORE_HEADS, TRUNK_STRIDES, TRUNKS, DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import pick_device
 
-from .data import CocoObjects, CocoSource, EpochSampler
+from .data import CLICK_POWER, CocoObjects, CocoSource, EpochSampler
 from .engine import MASK_LOSSES, TrainOptions, evaluate, train_one_epoch
 
 # the flags that choose the network's architecture, and what they are when not given (and there is no --init)
@@ -120,6 +120,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--paste-prob", type=float, default=0.0,
         help="share of training objects pasted onto another training image first (copy-paste augmentation)",
+    )  # fmt: skip
+    p.add_argument(
+        "--click-power", type=float, default=CLICK_POWER,
+        help="training clicks (all but the 35 %% at the object's deepest point) are drawn with weight (distance to "
+        "the boundary) ** P: 2 near the centre, 0 uniformly over the object",
     )  # fmt: skip
     p.add_argument(
         "--mask-loss", choices=MASK_LOSSES, default="bce",
@@ -338,6 +343,9 @@ def build_datasets(args: argparse.Namespace, config: DeepCropConfig) -> tuple[Co
     for name, share in crops.items():
         if not 0.0 <= share <= 1.0:
             raise SystemExit(f"--{name.replace('_', '-')} is a share of the training crops, from 0 to 1: got {share}")
+    if not args.click_power >= 0:
+        raise SystemExit(f"--click-power is a power of the distance to the boundary, 0 or more: got {args.click_power}")
+    crops["click_power"] = args.click_power
     if args.val_data_path:
         val = CocoObjects(_sources(args.val_data_path, args.val_images_dir), config, False, args.min_area)
         train = CocoObjects(train_sources, config, True, args.min_area, exclude=set(val.file_names), **crops)
