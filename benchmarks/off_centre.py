@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 from skimage import data, filters, measure, morphology, segmentation
 
 from napari_deepcrop.predictor import DeepCropPredictor
+from napari_deepcrop.training.evaluate import mask_iou
 
 DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0))
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                         if not truth[row, col]:
                             continue
                         mask, _ = predictor.predict(np.array([[row, col]]), np.array([1]))
-                        ious.append((mask & truth).sum() / (mask | truth).sum())
+                        ious.append(mask_iou(mask, truth))
                         spilled += int(mask.sum() > 3 * truth.sum())
                 name = str(checkpoint or "bundled")[-32:]
                 print(f"{name:<32} {snap!s:<8} {offset:6.1f} {len(ious):6d} {np.mean(ious):9.3f} {spilled:10d}")

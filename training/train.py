@@ -45,7 +45,6 @@ from .engine import MASK_LOSSES, TrainOptions, evaluate, train_one_epoch
 
 # the flags that choose the network's architecture, and what they are when not given (and there is no --init)
 ARCHITECTURE_DEFAULTS = {"trunk": "resnet18", "trunk_stride": 16, "head": "refine", "input_size": 128}
-ARCHITECTURE = tuple(ARCHITECTURE_DEFAULTS)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -264,7 +263,7 @@ def _check_same_recipe(checkpoint: Path, recorded: dict[str, Any], args: argpars
     def comparable(settings: dict[str, Any]) -> dict[str, Any]:
         # data by their last three path parts (dataset/annotations/file.json): a path's start depends on the cwd
         # an architecture flag left out is its default (runs recorded before 2026-12-06 stored the default itself)
-        settings = {**settings, **{k: ARCHITECTURE_DEFAULTS[k] for k in ARCHITECTURE if settings.get(k) is None}}
+        settings = {**settings, **{k: v for k, v in ARCHITECTURE_DEFAULTS.items() if settings.get(k) is None}}
         return {
             k: [Path(p).parts[-3:] for p in v] if k.endswith(("_path", "_dir")) and isinstance(v, list) else v
             for k, v in settings.items()
@@ -283,7 +282,7 @@ def _check_same_recipe(checkpoint: Path, recorded: dict[str, Any], args: argpars
 def model_config(args: argparse.Namespace) -> DeepCropConfig:
     clicks = not args.no_clicks
     corrective = clicks and not args.single_click
-    architecture = {k: ARCHITECTURE_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in ARCHITECTURE}
+    architecture = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in ARCHITECTURE_DEFAULTS.items()}
     return DeepCropConfig(
         **architecture,
         positive_clicks=clicks,
@@ -298,7 +297,7 @@ def _check_init_architecture(args: argparse.Namespace, config: DeepCropConfig) -
     """Refuse flags that would change the architecture of the --init model (its weights would not fit it)."""
     differ = [
         f"--{k.replace('_', '-')} {getattr(args, k)} (the model's: {getattr(config, k)})"
-        for k in ARCHITECTURE
+        for k in ARCHITECTURE_DEFAULTS
         if getattr(args, k) is not None and getattr(args, k) != getattr(config, k)
     ]
     if differ:
