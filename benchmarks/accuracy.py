@@ -6,6 +6,7 @@ runs on it, so the machine is printed with the table and stored in the JSON.
 
     python benchmarks/accuracy.py                      # all methods, ../shared/data/GrabCut, 20 clicks
     python benchmarks/accuracy.py --methods grabcut random_walker --limit 10 --output accuracy.json
+    python benchmarks/accuracy.py --first-click inside   # the first click anywhere inside, not at the centre
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from napari_deepcrop.training.baselines import GrabCutClicks, MagicWand, RandomWalkerClicks
 from napari_deepcrop.training.evaluate import (
+    FIRST_CLICKS,
     ClickSegmenter,
     evaluate_dataset,
     format_table,
@@ -65,6 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--alternatives", type=int, default=1,
         help="DeepCrop only: the simulated user looks at up to this many of the first click's masks (the widget's "
         "N) and keeps the best, as SAM's multi-mask results are scored (its oracle); 1: the network's choice",
+    )  # fmt: skip
+    parser.add_argument(
+        "--first-click", choices=FIRST_CLICKS, default="deepest",
+        help="the object's deepest point (the standard protocol, comparable with the literature) or anywhere inside "
+        "it, off its edge, as people click (seeded by the object's name: every method gets the same click)",
     )  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="a fixed-seed random subset of N images")
     parser.add_argument("--output", type=Path, default=None, help="write summaries and IoU curves as JSON")
@@ -123,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "refine_factors": args.refine_factors,
         "focus_ratio": args.focus_ratio,
         "alternatives": args.alternatives,
+        "first_click": args.first_click,
         "methods": {},
     }
     for name in args.methods:
@@ -130,13 +138,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if name in DEEPCROP:
             report["machine"]["model_device"] = str(segmenter.device)
         alternatives = args.alternatives if name in DEEPCROP else 1
-        results = evaluate_dataset(segmenter, samples, args.max_clicks, progress=True, alternatives=alternatives)
+        results = evaluate_dataset(
+            segmenter, samples, args.max_clicks, progress=True, alternatives=alternatives, first_click=args.first_click
+        )
         report["methods"][name] = {
             "summary": summarize(results.values()),
             "per_sample": {sample: result.to_dict() for sample, result in results.items()},
         }
     info = report["machine"]
     shown = f", DeepCrop's best of {args.alternatives} first masks" if args.alternatives > 1 else ""
+    shown += ", the first click anywhere inside the object" if args.first_click == "inside" else ""
     print(f"{args.dataset.name}: {len(samples)} objects, up to {args.max_clicks} clicks{shown}")
     cuda = f"CUDA {info['cuda']}" if info["cuda"] else "no CUDA"
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, {cuda}")

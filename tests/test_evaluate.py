@@ -9,7 +9,10 @@ import pytest
 
 from napari_deepcrop.training.baselines import GrabCutClicks, MagicWand, RandomWalkerClicks
 from napari_deepcrop.training.evaluate import (
+    Sample,
+    evaluate_dataset,
     evaluate_patches,
+    inside_click,
     load_coco,
     load_dataset,
     load_grabcut_folder,
@@ -375,6 +378,12 @@ def test_eval_command_writes_a_report(tmp_path, capsys):
     assert "NoC@90" in capsys.readouterr().out
     assert json.loads(output.read_text())["summary"] == report["summary"]
     assert len(report["per_sample"]["disk"]["ious"]) == 2
+    assert report["first_click"] == "deepest"
+    inside = main([*argv, "--first-click", "inside"])
+    assert inside["first_click"] == "inside"
+    first = tuple(inside["per_sample"]["disk"]["clicks"][0])
+    gt = iio.imread(tmp_path / "gt" / "disk.png") > 0
+    assert first == inside_click(gt, None, "disk") != tuple(report["per_sample"]["disk"]["clicks"][0])
 
 
 def test_eval_command_measures_snapped_and_own_masks(tmp_path, monkeypatch):
@@ -394,6 +403,41 @@ def test_eval_command_measures_snapped_and_own_masks(tmp_path, monkeypatch):
     main(argv)
     main([*argv, "--no-snap"])
     assert seen == [True, False]
+
+
+def test_an_inside_first_click_is_off_the_edge_off_the_centre_and_the_same_for_every_method():
+    gt = box((60, 60), (10, 50), (10, 50))  # depth 20 at the centre: inside clicks at depth >= 5
+    ignore = box((60, 60), (10, 50), (30, 50))  # the right half counts for nothing
+    from scipy import ndimage
+
+    depth = ndimage.distance_transform_edt(np.pad(gt, 1))[1:-1, 1:-1]
+    clicks = {inside_click(gt, None, f"image#{k}") for k in range(50)}
+    assert len(clicks) > 40  # spread over the object, not its deepest point
+    assert all(positive and depth[r, c] >= 5 for r, c, positive in clicks)
+    assert {inside_click(gt, None, "image#3") for _ in range(3)} == {inside_click(gt, None, "image#3")}
+    halves = {inside_click(gt, ignore, k) for k in range(50)}
+    assert all(c < 30 for _, c, _ in halves)  # never where the ignore region is
+    with pytest.raises(ValueError, match="no object pixel"):
+        inside_click(gt, gt, 0)
+
+
+def test_the_protocol_puts_the_first_click_inside_and_the_rest_as_before():
+    gt = box((60, 60), (10, 50), (10, 50))
+    half = box((60, 60), (10, 50), (10, 30))
+    standard = ScriptedSegmenter([half, gt])
+    run_protocol(standard, np.zeros((60, 60, 3)), gt, max_clicks=3)
+    assert tuple(standard.calls[0][0][0]) == (29, 29)  # the deepest point (first of the 2x2 centre)
+    inside = ScriptedSegmenter([half, gt])
+    result = run_protocol(inside, np.zeros((60, 60, 3)), gt, max_clicks=3, first_click="inside", seed="x#1")
+    assert tuple(inside.calls[0][0][0]) == inside_click(gt, None, "x#1")[:2]
+    assert tuple(inside.calls[1][0][1]) == next_click(half, gt, clicked=[inside_click(gt, None, "x#1")[:2]])[:2]
+    assert np.allclose(result.ious[:2], [0.5, 1.0])
+    samples = [Sample(f"im#{k}", np.zeros((60, 60, 3)), gt) for k in range(2)]
+    results = evaluate_dataset(ScriptedSegmenter([gt]), samples, 2, first_click="inside")
+    firsts = {name: r.clicks[0] for name, r in results.items()}
+    assert firsts == {s.name: inside_click(gt, None, s.name) for s in samples}
+    with pytest.raises(ValueError, match="first_click"):
+        run_protocol(ScriptedSegmenter([gt]), None, gt, first_click="centre")
 
 
 def test_with_alternatives_the_user_keeps_the_best_of_the_first_clicks_masks():

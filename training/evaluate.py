@@ -6,7 +6,8 @@ Two measurements, as in ARCHITECTURE.md ("Evaluation"):
   objects.
 * The interactive protocol of RITM / f-BRS / SimpleClick, so that our numbers compare with the literature: a
   simulated user clicks the error region deepest inside, the segmenter refines, for at most 20 clicks;
-  NoC@85/90, failures and mIoU after k clicks summarise the IoU curves.
+  NoC@85/90, failures and mIoU after k clicks summarise the IoU curves. A variant puts the first click anywhere
+  inside the object instead of at its deepest point (``first_click="inside"``), as people click.
 
 Anything with ``set_image(image)`` and ``predict(points, labels, prev_mask) -> (mask, score)`` is a
 :class:`ClickSegmenter`: the DeepCropPredictor and the classical baselines in ``baselines.py`` alike, so all
@@ -20,6 +21,7 @@ import contextlib
 import io
 import json
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +156,26 @@ def next_click(
     return int(row), int(col), bool(is_positive)
 
 
+FIRST_CLICKS = ("deepest", "inside")
+INSIDE_DEPTH = 0.25  # an "inside" first click is at least this share of the object's deepest depth from its edge
+
+
+def inside_click(gt: np.ndarray, ignore: np.ndarray | None, seed: int | str) -> tuple[int, int, bool]:
+    """A first click anywhere inside the object, as a person may click it: drawn uniformly over the object's
+    pixels at least ``INSIDE_DEPTH`` of its deepest point's depth from its boundary (off the edge, not
+    necessarily near the centre). ``seed``: an int, or a sample's name (the same click for every method)."""
+    valid = np.ones(gt.shape, bool) if ignore is None else ~np.asarray(ignore, bool)
+    depth = _depth(np.asarray(gt, bool) & valid, ())
+    if depth.max() == 0:
+        raise ValueError("the ground truth has no object pixel outside the ignore region")
+    candidates = np.flatnonzero(depth >= max(INSIDE_DEPTH * depth.max(), 1.0))
+    if isinstance(seed, str):
+        seed = zlib.crc32(seed.encode())
+    flat = int(np.random.default_rng(seed).choice(candidates))
+    row, col = np.unravel_index(flat, gt.shape)
+    return int(row), int(col), True
+
+
 def run_protocol(
     segmenter: ClickSegmenter,
     image: np.ndarray,
@@ -161,6 +183,8 @@ def run_protocol(
     ignore: np.ndarray | None = None,
     max_clicks: int = 20,
     alternatives: int = 1,
+    first_click: str = "deepest",
+    seed: int | str = 0,
 ) -> ProtocolResult:
     """Simulate one user annotating one object, passing the previous mask back as RITM does.
 
@@ -168,15 +192,21 @@ def run_protocol(
     ``max_clicks`` so that every curve has the same length. With ``alternatives`` > 1 the user looks at up to
     that many of the first click's masks (the predictor's ``alternative``, best by score first) and keeps the
     best, as SAM's multi-mask output is scored against its "oracle" choice; the click's seconds are those of
-    all the masks looked at.
+    all the masks looked at. ``first_click``: "deepest", the standard protocol's (the object's deepest point),
+    or "inside", anywhere inside it (:func:`inside_click` with ``seed``); later clicks follow the protocol.
     """
+    if first_click not in FIRST_CLICKS:
+        raise ValueError(f"first_click must be one of {FIRST_CLICKS}, got {first_click!r}")
     gt = np.asarray(gt, bool)
     segmenter.set_image(image)
     pred, prev_mask = np.zeros_like(gt), None
     clicks: list[tuple[int, int, bool]] = []
     ious, seconds = [], []
     for _ in range(max_clicks):
-        click = next_click(pred, gt, ignore, clicked=[c[:2] for c in clicks])
+        if not clicks and first_click == "inside":
+            click = inside_click(gt, ignore, seed)
+        else:
+            click = next_click(pred, gt, ignore, clicked=[c[:2] for c in clicks])
         if click is None:
             break
         clicks.append(click)
@@ -204,13 +234,18 @@ def evaluate_dataset(
     max_clicks: int = 20,
     progress: bool = False,
     alternatives: int = 1,
+    first_click: str = "deepest",
 ) -> dict[str, ProtocolResult]:
-    """Run the protocol on every sample, keyed by sample name (``alternatives``: see :func:`run_protocol`)."""
+    """Run the protocol on every sample, keyed by sample name (``alternatives``, ``first_click``: see
+    :func:`run_protocol`; an "inside" first click is seeded by the sample's name)."""
     if progress:
         from tqdm import tqdm
 
         samples = tqdm(samples, unit="object")
-    return {s.name: run_protocol(segmenter, s.image, s.gt, s.ignore, max_clicks, alternatives) for s in samples}
+    return {
+        s.name: run_protocol(segmenter, s.image, s.gt, s.ignore, max_clicks, alternatives, first_click, s.name)
+        for s in samples
+    }
 
 
 def summarize(
@@ -408,6 +443,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-instances subset")
     parser.add_argument("--no-snap", action="store_true", help="the network's own masks, not snapped to edges")
     parser.add_argument(
+        "--first-click", choices=FIRST_CLICKS, default="deepest",
+        help="where the first click goes: the object's deepest point (the standard protocol) or anywhere inside it, "
+        "off its edge (seeded by the object's name, the same for every run)",
+    )  # fmt: skip
+    parser.add_argument(
         "--output", type=Path, default=Path("results.json"), help="JSON with summary and curves"
     )
     return parser
@@ -419,13 +459,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     samples = load_dataset(args.dataset, args.images_dir, args.max_instances, args.min_area, args.seed)
     predictor = DeepCropPredictor.from_checkpoint(args.checkpoint, device=args.device, snap_edges=not args.no_snap)
-    results = evaluate_dataset(predictor, samples, args.max_clicks, progress=True)
+    results = evaluate_dataset(predictor, samples, args.max_clicks, progress=True, first_click=args.first_click)
     summary = summarize(results.values())
     print(format_table({"deepcrop": summary}))
     report = {
         "dataset": str(args.dataset),
         "checkpoint": str(args.checkpoint) if args.checkpoint else "bundled",
         "max_clicks": args.max_clicks,
+        "first_click": args.first_click,
         "summary": summary,
         "per_sample": {name: r.to_dict() for name, r in results.items()},
     }
