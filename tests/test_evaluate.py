@@ -6,6 +6,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from napari_deepcrop.training.baselines import GrabCutClicks, MagicWand, RandomWalkerClicks
 from napari_deepcrop.training.evaluate import (
@@ -408,8 +409,6 @@ def test_eval_command_measures_snapped_and_own_masks(tmp_path, monkeypatch):
 def test_an_inside_first_click_is_off_the_edge_off_the_centre_and_the_same_for_every_method():
     gt = box((60, 60), (10, 50), (10, 50))  # depth 20 at the centre: inside clicks at depth >= 5
     ignore = box((60, 60), (10, 50), (30, 50))  # the right half counts for nothing
-    from scipy import ndimage
-
     depth = ndimage.distance_transform_edt(np.pad(gt, 1))[1:-1, 1:-1]
     clicks = {inside_click(gt, None, f"image#{k}") for k in range(50)}
     assert len(clicks) > 40  # spread over the object, not its deepest point
