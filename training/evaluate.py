@@ -168,7 +168,7 @@ def inside_click(gt: np.ndarray, ignore: np.ndarray | None, seed: int | str) -> 
     depth = _depth(np.asarray(gt, bool) & valid, ())
     if depth.max() == 0:
         raise ValueError("the ground truth has no object pixel outside the ignore region")
-    candidates = np.flatnonzero(depth >= max(INSIDE_DEPTH * depth.max(), 1.0))
+    candidates = np.flatnonzero(depth >= INSIDE_DEPTH * depth.max())  # > 0: object pixels only
     if isinstance(seed, str):
         seed = zlib.crc32(seed.encode())
     flat = int(np.random.default_rng(seed).choice(candidates))
