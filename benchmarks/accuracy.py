@@ -21,8 +21,8 @@ from typing import Any
 
 from napari_deepcrop.training.baselines import GrabCutClicks, MagicWand, RandomWalkerClicks
 from napari_deepcrop.training.evaluate import (
-    FIRST_CLICKS,
     ClickSegmenter,
+    add_first_click_option,
     evaluate_dataset,
     format_table,
     load_dataset,
@@ -68,11 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="DeepCrop only: the simulated user looks at up to this many of the first click's masks (the widget's "
         "N) and keeps the best, as SAM's multi-mask results are scored (its oracle); 1: the network's choice",
     )  # fmt: skip
-    parser.add_argument(
-        "--first-click", choices=FIRST_CLICKS, default="deepest",
-        help="the object's deepest point (the standard protocol, comparable with the literature) or anywhere inside "
-        "it, off its edge, as people click (seeded by the object's name: every method gets the same click)",
-    )  # fmt: skip
+    add_first_click_option(parser)
     parser.add_argument("--limit", type=int, default=None, help="a fixed-seed random subset of N images")
     parser.add_argument("--output", type=Path, default=None, help="write summaries and IoU curves as JSON")
     return parser

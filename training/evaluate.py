@@ -419,6 +419,16 @@ def load_dataset(
 # --- command line -------------------------------------------------------------------------------------------
 
 
+def add_first_click_option(parser: argparse.ArgumentParser) -> None:
+    """``--first-click``, for ``napari-deepcrop eval`` and ``benchmarks/accuracy.py`` alike."""
+    parser.add_argument(
+        "--first-click", choices=FIRST_CLICKS, default="deepest",
+        help="where the first click goes: the object's deepest point (the standard protocol, comparable with the "
+        "literature) or anywhere inside it, off its edge, as people click (seeded by the object's name: every run "
+        "and method gets the same click)",
+    )  # fmt: skip
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The ``napari-deepcrop eval`` arguments; ``add_help=False`` lets cli.py use it as a parent parser."""
     parser = argparse.ArgumentParser(
@@ -442,11 +452,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-instances subset")
     parser.add_argument("--no-snap", action="store_true", help="the network's own masks, not snapped to edges")
-    parser.add_argument(
-        "--first-click", choices=FIRST_CLICKS, default="deepest",
-        help="where the first click goes: the object's deepest point (the standard protocol) or anywhere inside it, "
-        "off its edge (seeded by the object's name, the same for every run)",
-    )  # fmt: skip
+    add_first_click_option(parser)
     parser.add_argument(
         "--output", type=Path, default=Path("results.json"), help="JSON with summary and curves"
     )
