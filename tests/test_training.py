@@ -615,3 +615,29 @@ def test_click_power_reaches_the_training_crops_and_is_checked(coco, tmp_path):
     assert train_set.click_power == 0.0 and train_set.train and not val_set.train
     with pytest.raises(SystemExit, match="--click-power is a power .* got -1.0"):
         train.build_datasets(args_for(coco, tmp_path / "r", "--click-power", "-1"), DeepCropConfig(input_size=64))
+
+
+def test_trunk_lr_mult_trains_the_trunk_slower_but_its_first_conv_and_the_heads_at_lr(coco, tmp_path):
+    """--trunk-lr-mult: two optimizer groups, the trunk's (without its first convolution, whose click filters are
+    new) at lr x mult and the rest at lr, kept through a resume; the default is one group; bad values refused."""
+    model = DeepCropV2(DeepCropConfig(input_size=64))
+    groups = train.param_groups(model, 1e-3, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    fast, slow = ({names[id(p)] for p in g["params"]} for g in groups)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert fast | slow == set(names.values()) and not fast & slow
+    assert all(n.startswith("trunk.") for n in slow) and len(slow) > 10
+    assert {n for n in fast if n.startswith("trunk.")} == {"trunk.conv1.weight"}
+    assert len(train.param_groups(model, 1e-3, 1.0)) == 1
+
+    train.main(args_for(coco, tmp_path / "run", "--max-steps", "2", "--trunk-lr-mult", "0.1"))
+    saved = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    lrs = [g["initial_lr"] for g in saved["optimizer"]["param_groups"]]
+    assert lrs == [pytest.approx(1e-3), pytest.approx(1e-4)] and saved["meta"]["args"]["trunk_lr_mult"] == 0.1
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    train.main(args_for(coco, tmp_path / "run", "--trunk-lr-mult", "0.1", "--resume", checkpoint))
+    resumed = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert resumed["epoch"] == 3 and len(resumed["optimizer"]["param_groups"]) == 2
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit, match="--trunk-lr-mult is a share of --lr"):
+            train.main(args_for(coco, tmp_path / "bad", "--trunk-lr-mult", bad))

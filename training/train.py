@@ -73,6 +73,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument(
+        "--trunk-lr-mult", type=float, default=1.0,
+        help="the trunk's learning rate as a share of --lr (RITM trains its backbone at 0.1); the trunk's first "
+        "convolution, which takes the click planes, keeps --lr",
+    )  # fmt: skip
     p.add_argument("--opt", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
@@ -383,6 +388,22 @@ def _split_objects(everything: CocoObjects, train: CocoObjects, share: float) ->
     return train, everything
 
 
+def param_groups(model: DeepCropV2, lr: float, trunk_lr_mult: float = 1.0) -> list[dict]:
+    """The trained parameters as optimizer groups: the trunk's at ``lr * trunk_lr_mult`` but for its first
+    convolution (its click filters start new), everything else at ``lr``. An ImageNet trunk fine-tuned on a few
+    thousand objects at a lower rate keeps more of what it knew (RITM's ``backbone_lr_mult``, 0.1)."""
+    first = {id(p) for p in model.trunk.first_conv.parameters()}
+    slow = [p for n, p in model.named_parameters() if n.startswith("trunk.") and id(p) not in first]
+    slow_ids = {id(p) for p in slow}
+    fast = [p for p in model.parameters() if id(p) not in slow_ids]
+    groups = [{"params": [p for p in fast if p.requires_grad], "lr": lr}]
+    if trunk_lr_mult == 1.0:
+        groups[0]["params"] = [p for p in model.parameters() if p.requires_grad]
+    elif any(p.requires_grad for p in slow):
+        groups.append({"params": [p for p in slow if p.requires_grad], "lr": lr * trunk_lr_mult})
+    return groups
+
+
 def lr_lambda_factory(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -421,6 +442,8 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
     """
     if not 0 <= args.average_epochs <= args.epochs:  # before any data is read
         raise SystemExit(f"--average-epochs must be from 0 to --epochs ({args.epochs}), got {args.average_epochs}")
+    if not 0 < args.trunk_lr_mult <= 1:
+        raise SystemExit(f"--trunk-lr-mult is a share of --lr, above 0 and at most 1: got {args.trunk_lr_mult}")
     owns_group = not dist.is_initialized()  # else run_stages leaves the group after the last stage
     rank, world, local = init_distributed()
     is_main = rank == 0
@@ -469,7 +492,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
     steps_per_epoch = max(1, samples_per_epoch // world // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
 
-    trained = [param for param in model.parameters() if param.requires_grad]
+    trained = param_groups(model, args.lr, args.trunk_lr_mult)
     if args.opt == "adamw":
         optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     else:
