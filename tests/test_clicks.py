@@ -33,6 +33,27 @@ def test_no_click_of_a_kind_gives_a_plane_of_ones():
     assert (planes[1] == 1).all()
 
 
+def test_disk_planes_are_one_within_the_radius_of_each_click_and_scale_with_the_input_size():
+    """click_encoding="disk" (RITM's): 1 within DISK_RADIUS x S of a click of the plane's kind, 0 elsewhere and
+    where there is no click of that kind; the same crop-relative clicks give the same disks at any input size."""
+    from napari_deepcrop.clicks import DISK_RADIUS
+
+    config = DeepCropConfig(input_size=64, refine_size=128, click_encoding="disk")
+    points = np.array([[10.0, 20.0], [40.0, 40.0], [50.0, 12.0]])
+    pos, neg, _ = encode_clicks(points, np.array([1, 0, 1]), config)
+    radius = DISK_RADIUS * 64
+    assert radius == 2 and set(np.unique(pos)) == {0.0, 1.0}
+    rows, cols = np.mgrid[:64, :64]
+    for plane, clicks in ((pos, points[[0, 2]]), (neg, points[[1]])):
+        d2 = np.min([(rows - r) ** 2 + (cols - c) ** 2 for r, c in clicks], axis=0)
+        assert np.array_equal(plane == 1, d2 <= radius**2)
+    assert (encode_clicks(points[:1], np.array([1]), config)[1] == 0).all()  # no negative click: no disk
+    large = encode_clicks(points * 2 + 0.5, np.array([1, 0, 1]), config, size=128)
+    assert large[0].sum() == pytest.approx(4 * pos.sum(), rel=0.15) and large[0][20, 40] == 1
+    with pytest.raises(ValueError, match="click_encoding must be one of"):
+        DeepCropConfig(click_encoding="gaussian")
+
+
 def test_prev_mask_plane_and_shape_check():
     prev = np.zeros((64, 64), bool)
     prev[10:20, 10:20] = True

@@ -321,6 +321,7 @@ def test_init_refuses_flags_of_another_architecture(coco, tmp_path):
         (["--trunk", "efficientnet_lite0"], "--trunk efficientnet_lite0 (the model's: resnet18)"),
         (["--trunk-stride", "32"], "--trunk-stride 32 (the model's: 16)"),
         (["--head", "deepmask", "--input-size", "96"], "--head deepmask (the model's: refine), --input-size 96"),
+        (["--click-encoding", "disk"], "--click-encoding disk (the model's: distance)"),
     ]:
         out = tmp_path / flags[0].strip("-")
         with pytest.raises(SystemExit, match=re.escape(said)):
@@ -641,3 +642,17 @@ def test_trunk_lr_mult_trains_the_trunk_slower_but_its_first_conv_and_the_heads_
     for bad in ("0", "1.5"):
         with pytest.raises(SystemExit, match="--trunk-lr-mult is a share of --lr"):
             train.main(args_for(coco, tmp_path / "bad", "--trunk-lr-mult", bad))
+
+
+def test_click_encoding_disk_is_the_networks_and_its_training_crops(coco, tmp_path):
+    """--click-encoding disk: the checkpoint's config records it, so the predictor (and --init) encode clicks as
+    the network was trained; the training samples' planes are disks; a checkpoint without it is "distance"."""
+    args = args_for(coco, tmp_path / "run", "--max-steps", "1", "--click-encoding", "disk")
+    train_set, _ = train.build_datasets(args, train.model_config(args))
+    planes = train_set[0]["planes"].numpy()
+    assert set(np.unique(planes[:2])) <= {0.0, 1.0} and planes[0].sum() > 0
+    train.main(args)
+    model, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert model.config.click_encoding == "disk"
+    old = {k: v for k, v in model.config.to_dict().items() if k != "click_encoding"}
+    assert DeepCropConfig.from_dict(old).click_encoding == "distance"

@@ -37,14 +37,16 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from napari_deepcrop.model import SCORE_HEADS, TRUNK_STRIDES, TRUNKS, DeepCropConfig, DeepCropV2
+from napari_deepcrop.model import CLICK_ENCODINGS, SCORE_HEADS, TRUNK_STRIDES, TRUNKS, DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import pick_device
 
 from .data import CLICK_POWER, CocoObjects, CocoSource, EpochSampler
 from .engine import MASK_LOSSES, TrainOptions, evaluate, train_one_epoch
 
 # the flags that choose the network's architecture, and what they are when not given (and there is no --init)
-ARCHITECTURE_DEFAULTS = {"trunk": "resnet18", "trunk_stride": 16, "head": "refine", "input_size": 128}
+ARCHITECTURE_DEFAULTS = {
+    "trunk": "resnet18", "trunk_stride": 16, "head": "refine", "input_size": 128, "click_encoding": "distance",
+}  # fmt: skip
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -95,6 +97,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="cut the trunk after its stride-16 stage (DeepMask's cut; the default) or after its stride-32 stage",
     )  # fmt: skip
     p.add_argument("--head", choices=("deepmask", "refine"), help="the mask head (default refine)")
+    p.add_argument(
+        "--click-encoding", choices=CLICK_ENCODINGS,
+        help="the click planes: distance (the report's distance to the nearest click; the default) or disk "
+        "(RITM's disks around the clicks)",
+    )  # fmt: skip
     p.add_argument(
         "--score-head", choices=SCORE_HEADS,
         help="the score head (default: pooled; with --init: the initial model's, or a new one of this kind)",

@@ -47,6 +47,10 @@ TRUNK_STRIDES = (16, 32)
 # features pooled inside and outside the mask, and how much of the mask lies on each border of the crop (an
 # object cut by the crop is what makes a first-click scale wrong)
 SCORE_HEADS = ("pooled", "mask")
+# how a click kind's plane shows its clicks (napari_deepcrop.clicks.encode_clicks): "distance", the report's
+# distance to the nearest click (over half the input size, clipped at 1); "disk", RITM's disks (1 within
+# DISK_RADIUS of a click, 0 elsewhere)
+CLICK_ENCODINGS = ("distance", "disk")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -75,6 +79,8 @@ class DeepCropConfig:
     # the trunk's deepest stride (TRUNK_STRIDES): 32 adds its stride-32 stage, which the mask head merges down
     # through a skip at stride 16 and the score head pools
     trunk_stride: int = 16
+    # the click planes' encoding (CLICK_ENCODINGS); checkpoints recorded before it was a choice are "distance"
+    click_encoding: str = "distance"
 
     def __post_init__(self) -> None:
         if self.trunk not in TRUNKS:
@@ -85,6 +91,8 @@ class DeepCropConfig:
             raise ValueError(f"score_head must be one of {SCORE_HEADS}, got {self.score_head!r}")
         if self.trunk_stride not in TRUNK_STRIDES:
             raise ValueError(f"trunk_stride must be one of {TRUNK_STRIDES}, got {self.trunk_stride!r}")
+        if self.click_encoding not in CLICK_ENCODINGS:
+            raise ValueError(f"click_encoding must be one of {CLICK_ENCODINGS}, got {self.click_encoding!r}")
         step = self.trunk_stride
         if self.input_size % step or self.input_size < 64:
             raise ValueError(f"input_size must be a multiple of {step} and >= 64, got {self.input_size}")
