@@ -458,6 +458,27 @@ def test_the_same_command_again_continues_an_interrupted_recipe(coco, tmp_path, 
     assert read_checkpoint(out / "second" / "checkpoint.pt")["step"] == 3
 
 
+def test_a_recipe_that_gains_a_stage_keeps_the_stages_it_has_run(coco, tmp_path, capsys):
+    """A stage is known by its name and settings, not its place: a third stage appended to a finished recipe runs
+    from the second's last weights, and the first two are not run again."""
+    out = tmp_path / "run"
+    train.cli(["--config", str(staged_config(tmp_path, coco)), "--output-dir", str(out)])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    grown = staged_config(tmp_path, coco, STAGED + '\n[[stage]]\nname = "third"\nepochs = 1\nlr = 1e-4\n')
+    capsys.readouterr()
+    train.cli(["--config", str(grown), "--output-dir", str(out)])
+    said = capsys.readouterr().out
+    assert "first (1/3): done already" in said and "second (2/3): done already" in said
+    assert "third (3/3): training" in said
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    third = read_checkpoint(out / "third" / "checkpoint.pt")
+    assert third["meta"]["args"]["init"] == str(out / "second" / "checkpoint.pt") and third["step"] == 3
+    # a stage renamed is another stage: its folder's checkpoint is not taken for it
+    renamed = staged_config(tmp_path, coco, STAGED.replace('name = "second"', 'name = "other"'))
+    train.cli(["--config", str(renamed), "--output-dir", str(out), "--max-steps", "1"])
+    assert "other (2/2): training" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("change, differ", [("lr", "lr"), ("data", "data_path")])
 def test_a_stage_folder_of_other_settings_is_not_overwritten(coco, tmp_path, change, differ):
     out = tmp_path / "run"

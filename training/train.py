@@ -276,6 +276,9 @@ def _check_same_recipe(checkpoint: Path, recorded: dict[str, Any], args: argpars
         # data by their last three path parts (dataset/annotations/file.json): a path's start depends on the cwd
         # an architecture flag left out is its default (runs recorded before 2026-12-06 stored the default itself)
         settings = {**settings, **{k: v for k, v in ARCHITECTURE_DEFAULTS.items() if settings.get(k) is None}}
+        # a stage by its name, not its place ("focus (3/4)"): a recipe that gains a stage keeps the ones it has run
+        if isinstance(settings.get("stage"), str):
+            settings["stage"] = settings["stage"].rsplit(" (", 1)[0]
         return {
             k: [Path(p).parts[-3:] for p in v] if k.endswith(("_path", "_dir")) and isinstance(v, list) else v
             for k, v in settings.items()
