@@ -47,6 +47,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="GrabCut layout, img/+gt/ or COCO")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--checkpoint", default=None, help="DeepCropV2 checkpoint (default: the bundled one)")
+    parser.add_argument(
+        "--first-click-network", default=None,
+        help="a checkpoint whose network reads first clicks (their scales and zoom-in), --checkpoint's every later "
+        "click (default: the first-click network --checkpoint holds, if any, else its own)",
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="device of the model (default: cuda if available)")
     parser.add_argument(
         "--refine-size", type=int, default=None,
@@ -76,13 +81,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
     if name in DEEPCROP:
-        from napari_deepcrop.checkpoint import load_checkpoint
+        from napari_deepcrop.checkpoint import load_checkpoint, load_first_click_model
         from napari_deepcrop.predictor import DeepCropPredictor
 
-        model, _ = load_checkpoint(args.checkpoint)
+        model, payload = load_checkpoint(args.checkpoint)
+        if args.first_click_network is not None:
+            first_click_model = load_checkpoint(args.first_click_network)[0]
+        else:
+            first_click_model = load_first_click_model(payload, args.checkpoint or "the bundled checkpoint")
         if args.refine_size is not None:
             model = model.with_refine_size(args.refine_size)
-        predictor = DeepCropPredictor(model, device=args.device, **DEEPCROP[name])
+        predictor = DeepCropPredictor(model, args.device, first_click_model=first_click_model, **DEEPCROP[name])
         if args.refine_factors is not None:
             predictor.refine_factors = tuple(args.refine_factors)
         if args.focus_ratio is not None:
@@ -122,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "objects": len(samples),
         "max_clicks": args.max_clicks,
         "checkpoint": args.checkpoint or "bundled",
+        "first_click_network": args.first_click_network,
         "refine_size": args.refine_size,
         "refine_factors": args.refine_factors,
         "focus_ratio": args.focus_ratio,

@@ -32,9 +32,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("-o", "--output", type=Path, default=default_checkpoint_path())
     parser.add_argument("--metrics", type=Path, action="append", default=[], help="JSON files of measured numbers")
     parser.add_argument("--note", help="anything else the file should say about where it came from")
+    parser.add_argument(
+        "--first-click-network", type=Path,
+        help="a checkpoint whose network the file keeps for first clicks (the predictor's first_click_model)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     model, payload = load_checkpoint(args.checkpoint)
     meta = with_init_meta(payload.get("meta", {}))  # read before the output may overwrite a stage's init
+    first_click_model = None
+    if args.first_click_network is not None:
+        first_click_model, first_payload = load_checkpoint(args.first_click_network)
+        meta["first_click_meta"] = with_init_meta(first_payload.get("meta", {}))
     if args.note:
         meta["note"] = args.note
     meta.update(
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> Path:
         best_validation_mean_iou=payload.get("best"),
         metrics={p.stem: json.loads(p.read_text()) for p in args.metrics},
     )
-    path = save_checkpoint(args.output, model, half=True, meta=meta)
+    path = save_checkpoint(args.output, model, half=True, first_click_model=first_click_model, meta=meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return path
 

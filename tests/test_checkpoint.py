@@ -114,3 +114,52 @@ def test_shipping_keeps_every_stage_of_a_recipe(tmp_path):
     assert all(v.dtype == torch.float16 for v in payload["model"].values() if v.is_floating_point())
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+
+
+def _ship_module():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "scripts" / "ship_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("ship_checkpoint", script)
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    return ship
+
+
+def test_a_checkpoint_carries_a_first_click_network_into_the_predictor(tmp_path):
+    """first_click: a second network's config and weights in the same file (float16 when shipped), loaded with
+    weights_only and handed to the predictor by from_checkpoint; files without one load as before."""
+    from napari_deepcrop.checkpoint import load_first_click_model, read_checkpoint
+
+    torch.manual_seed(0)
+    main = DeepCropV2(DeepCropConfig(input_size=64)).eval()
+    first = DeepCropV2(DeepCropConfig(input_size=64, click_encoding="disk", decoder_width=16)).eval()
+    path = save_checkpoint(tmp_path / "two.pt", main, half=True, first_click_model=first, meta={"note": "two"})
+    payload = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in payload["first_click"]["model"].values() if v.is_floating_point())
+    predictor = DeepCropPredictor.from_checkpoint(path, device="cpu")
+    assert predictor.first_config == first.config and predictor.config == main.config
+    for a, b in zip(first.state_dict().values(), predictor.first_click_model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+    alone = DeepCropPredictor.from_checkpoint(save_checkpoint(tmp_path / "one.pt", main), device="cpu")
+    assert alone.first_click_model is None and alone.first_nets is alone.nets
+    bad = read_checkpoint(path)
+    bad["first_click"]["model"].popitem()
+    with pytest.raises(CheckpointError, match="first-click network's weights do not match"):
+        load_first_click_model(bad, "bad.pt")
+    with pytest.raises(CheckpointError, match="'first_click' entry needs a 'config' and a 'model'"):
+        load_first_click_model({"first_click": {"model": {}}}, "bad.pt")
+
+
+def test_shipping_with_a_first_click_network_keeps_both_and_their_provenance(tmp_path):
+    ship = _ship_module()
+    main = DeepCropV2(DeepCropConfig(input_size=64, click_encoding="disk")).eval()
+    first = DeepCropV2(DeepCropConfig(input_size=64)).eval()
+    a = save_checkpoint(tmp_path / "a" / "checkpoint.pt", main, meta={"args": {"stage": "disk"}}, step=3)
+    b = save_checkpoint(tmp_path / "b" / "checkpoint.pt", first, meta={"args": {"stage": "distance"}}, step=5)
+    shipped = ship.main([str(a), "-o", str(tmp_path / "shipped.pt"), "--first-click-network", str(b)])
+    predictor = DeepCropPredictor.from_checkpoint(shipped, device="cpu")
+    assert predictor.config.click_encoding == "disk" and predictor.first_config.click_encoding == "distance"
+    meta = load_checkpoint(shipped)[1]["meta"]
+    assert meta["args"]["stage"] == "disk" and meta["first_click_meta"]["args"]["stage"] == "distance"

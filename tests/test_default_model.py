@@ -10,12 +10,13 @@ from napari_deepcrop.model import DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import DeepCropPredictor
 
 GRABCUT = DATA / "GrabCut"
-# One protocol click on GrabCut's 50 images with the bundled model (the Lite2 recipe; snapped / the network's own
-# mask): mean IoU 0.783 / 0.762 in benchmarks/accuracy.py (mIoU@1, the README's table); the Lite0 model bundled
-# before it reached 0.723 / 0.704, the ResNet-18 before that 0.522 / 0.462. The bounds sit between, so the test
-# catches a fall back to a model of that quality, broken weights, a broken crop/paste path or a click-encoding
-# mismatch without failing on float noise. Four clear objects must each be right (new model: fullmoon 0.997 / 0.990,
-# flower 0.995 / 0.963, llama 0.933 / 0.923, sheep 0.964 / 0.962; the Lite0 model's llama 0.924 / 0.891).
+# One protocol click on GrabCut's 50 images with the bundled model (snapped / the network's own mask; a first click
+# is the first-click network's, the Lite2 recipe with distance planes bundled alone before): mean IoU 0.783 / 0.762
+# in benchmarks/accuracy.py (mIoU@1, the README's table); the Lite0 model bundled before it reached 0.723 / 0.704,
+# the ResNet-18 before that 0.522 / 0.462. The bounds sit between, so the test catches a fall back to a model of
+# that quality, broken weights, a broken crop/paste path or a click-encoding mismatch without failing on float
+# noise. Four clear objects must each be right (fullmoon 0.997 / 0.990, flower 0.995 / 0.963, llama 0.933 / 0.923,
+# sheep 0.964 / 0.962; the Lite0 model's llama 0.924 / 0.891).
 MEAN_IOU = {True: 0.76, False: 0.74}
 IMAGES, MIN_IOU = ("fullmoon", "flower", "llama", "sheep"), 0.90
 
@@ -29,6 +30,13 @@ def test_recorded_config_rebuilds_the_same_model():
     assert payload["meta"]["git_commit"]
     assert default_checkpoint_path().stat().st_size < 25e6
     assert all(v.dtype in (torch.float16, torch.int64) for v in payload["model"].values())
+    # the first-click network: its own config and weights, float16 too
+    first = payload["first_click"]
+    first_config = DeepCropConfig.from_dict(first["config"])
+    DeepCropV2(first_config).load_state_dict({k: v.float() for k, v in first["model"].items()})
+    assert (first_config.click_encoding, config.click_encoding) == ("distance", "disk")
+    assert first_config.prev_mask and first_config.refinement_size == config.refinement_size == 256
+    assert all(v.dtype in (torch.float16, torch.int64) for v in first["model"].values())
 
 
 @pytest.mark.skipif(not GRABCUT.is_dir(), reason=f"GrabCut benchmark data not found at {GRABCUT}")
@@ -50,22 +58,26 @@ def test_one_protocol_click_on_real_images(snap_edges):
     assert all(ious[name] > MIN_IOU for name in IMAGES), {name: ious[name] for name in IMAGES}
 
 
-def test_the_checkpoint_records_the_four_stages_of_its_recipe():
+def test_the_checkpoint_records_the_four_stages_of_its_recipe_for_both_networks():
     """Refinement crops at 256 px, from refinement crops at 192 px, from ladder crops, from objects, from the ImageNet
-    Lite2 trunk, by one command: the file says so, each stage's settings and code, with its numbers."""
+    Lite2 trunk, by one command, for each network (click disks for the refining one, distance planes for the first
+    click's): the file says so, each stage's settings and code, with its numbers."""
     payload = read_checkpoint(default_checkpoint_path())
     meta = payload["meta"]
-    stages, stage = [], meta
-    while stage:
-        stages.append(stage)
-        stage = stage.get("init_meta")
-    assert [s["args"]["stage"] for s in stages] == ["focus256 (4/4)", "focus (3/4)", "ladder (2/4)", "objects (1/4)"]
-    focus256, focus, ladder, objects = (s["args"] for s in stages)
-    assert payload["config"]["refine_size"] == focus256["refine_size"] == 256 and focus["refine_size"] == 192
-    assert payload["config"]["input_size"] == 128 and payload["config"]["trunk"] == "efficientnet_lite2"
-    assert ladder["ladder_prob"] > 0 and objects["ladder_prob"] == 0 and not objects["init"]
-    assert all(s["config"].endswith("default.toml") for s in (focus256, focus, ladder, objects))
-    for s in (focus256, focus, ladder, objects):
-        assert s["trunk"] == "efficientnet_lite2" and s["pretrained"] == "imagenet"
-    assert all(s["git_commit"] for s in stages)
     assert {"grabcut", "coco_val_interactive", "val_patches"} <= set(meta["metrics"])
+    for recorded, encoding in ((meta, "disk"), (meta["first_click_meta"], "distance")):
+        stages, stage = [], recorded
+        while stage:
+            stages.append(stage)
+            stage = stage.get("init_meta")
+        names = [s["args"]["stage"] for s in stages]
+        assert names == ["focus256 (4/4)", "focus (3/4)", "ladder (2/4)", "objects (1/4)"]
+        focus256, focus, ladder, objects = (s["args"] for s in stages)
+        assert focus256["refine_size"] == 256 and focus["refine_size"] == 192
+        assert ladder["ladder_prob"] > 0 and objects["ladder_prob"] == 0 and not objects["init"]
+        assert all(s["config"].endswith("default.toml") for s in (focus256, focus, ladder, objects))
+        for s in (focus256, focus, ladder, objects):
+            assert s["trunk"] == "efficientnet_lite2" and s["pretrained"] == "imagenet"
+            assert s.get("click_encoding", "distance") == encoding  # recorded since 2026-12-07; before: distance
+        assert all(s["git_commit"] for s in stages)
+    assert payload["config"]["input_size"] == 128 and payload["config"]["trunk"] == "efficientnet_lite2"

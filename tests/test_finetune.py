@@ -99,3 +99,16 @@ def test_held_out_share_of_objects_within_one_image(export):
     assert len(trained) == len(measured) == 2 and trained | measured == {1, 2, 3, 4}
     train_set, val_set = split(export, "images")
     assert train_set is val_set  # one image split by images: nothing can be held out
+
+
+def test_finetuning_keeps_the_first_click_network_of_its_starting_model(export, tmp_path):
+    """Training tunes the refining network; a first-click network of the starting checkpoint goes with it unchanged."""
+    from napari_deepcrop.checkpoint import load_first_click_model
+
+    torch.manual_seed(0)
+    first = DeepCropV2(DeepCropConfig(input_size=64, click_encoding="disk")).eval()
+    init = save_checkpoint(tmp_path / "two.pt", DeepCropV2(DeepCropConfig(input_size=64)), first_click_model=first)
+    result = finetune(export, 1, init, batch_size=2, device="cpu")
+    kept = load_first_click_model(read_checkpoint(result.checkpoint))
+    assert kept is not None and kept.config == first.config
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), kept.state_dict().values(), strict=True))

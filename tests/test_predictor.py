@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from synthetic import disk_image
 
 from napari_deepcrop.model import DeepCropConfig, DeepCropV2
@@ -215,9 +216,9 @@ def test_first_click_zoom_in_refines_the_chosen_scales_mask_on_the_refinement_cr
     calls = []
     run = zoomed._run
 
-    def spy(source, crops, points, labels, prev_mask, size):
+    def spy(source, crops, points, labels, prev_mask, size, *rest):
         calls.append((list(crops), prev_mask))
-        return run(source, crops, points, labels, prev_mask, size)
+        return run(source, crops, points, labels, prev_mask, size, *rest)
 
     zoomed._run = spy
     mask, score = zoomed.predict(click, label)
@@ -337,3 +338,29 @@ def test_alternative_errors(disk_model):
     p.reset_image()
     with pytest.raises(RuntimeError, match="no image set"):
         p.alternatives()
+
+
+def test_a_first_click_network_reads_first_clicks_and_the_main_network_every_later_click(disk_model):
+    """first_click_model: a first click (its scales, their ranking and the zoom-in) is that network's alone, as if it
+    were the only one; a click with a previous mask (and propagation) is the main network's alone."""
+    torch.manual_seed(1)
+    other = DeepCropV2(DeepCropConfig(input_size=64, decoder_width=16, click_encoding="disk")).eval()
+    both = DeepCropPredictor(disk_model, device="cpu", snap_edges=False, first_click_model=other)
+    main_only = DeepCropPredictor(disk_model, device="cpu", snap_edges=False)
+    other_only = DeepCropPredictor(other, device="cpu", snap_edges=False)
+    image, _ = disk_image(300, (150, 140), 40, seed=5)
+    for p in (both, main_only, other_only):
+        p.set_image(image)
+    click, label = np.array([[150, 140]]), np.array([1])
+    first, first_score = both.predict(click, label)
+    expected, expected_score = other_only.predict(click, label)
+    assert np.array_equal(first, expected) and first_score == pytest.approx(expected_score)
+    assert first_score != pytest.approx(main_only.predict(click, label)[1])  # the two networks do differ
+    prev, _ = main_only.predict(click, label)
+    clicks, labels = np.array([[150, 140], [150, 185]]), np.array([1, 0])
+    refined, refined_score = both.predict(clicks, labels, prev_mask=prev)
+    expected, expected_score = main_only.predict(clicks, labels, prev_mask=prev)
+    assert np.array_equal(refined, expected) and refined_score == pytest.approx(expected_score)
+    assert both.alternatives() == main_only.alternatives()
+    second = other_only.predict(click, label, alternative=1)[0]
+    assert np.array_equal(both.predict(click, label, alternative=1)[0], second)

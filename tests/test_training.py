@@ -365,8 +365,8 @@ def test_train_only_score_changes_the_score_head_alone(coco, tmp_path):
 
 
 def test_the_recipe_config_is_four_stages_and_names_real_data(tmp_path):
-    """The recipe: objects from the ImageNet Lite2 trunk, then ladder crops from its last weights, then refinement
-    crops at 192 px from those, then at 256 px, one command."""
+    """The recipe: objects from the ImageNet Lite2 trunk with click disks, then ladder crops from its last weights,
+    then refinement crops at 192 px from those, then at 256 px, one command."""
     from pathlib import Path
 
     config = Path(train.__file__).parent / "configs" / "default.toml"
@@ -378,6 +378,7 @@ def test_the_recipe_config_is_four_stages_and_names_real_data(tmp_path):
     assert (focus256.epochs, focus256.ladder_prob, focus256.lr, focus256.refine_size) == (10, 0.3, 2e-4, 256)
     assert objects.refine_size is None and ladder.refine_size is None
     assert all(a.trunk == "efficientnet_lite2" and a.pretrained == "imagenet" for a in stages)
+    assert all(a.click_encoding == "disk" for a in stages)  # the refining network; the first-click one: "distance"
     assert ladder.init == tmp_path / "objects" / "checkpoint.pt" and ladder.output_dir == tmp_path / "ladder"
     assert focus.init == tmp_path / "ladder" / "checkpoint.pt" and focus.output_dir == tmp_path / "focus"
     assert focus256.init == tmp_path / "focus" / "checkpoint.pt" and focus256.output_dir == tmp_path / "focus256"
@@ -677,3 +678,22 @@ def test_click_encoding_disk_is_the_networks_and_its_training_crops(coco, tmp_pa
     assert model.config.click_encoding == "disk"
     old = {k: v for k, v in model.config.to_dict().items() if k != "click_encoding"}
     assert DeepCropConfig.from_dict(old).click_encoding == "distance"
+
+
+def test_a_first_click_network_of_the_initial_checkpoint_is_kept_through_training_and_resume(coco, tmp_path):
+    """--init a checkpoint with a first-click network (the bundled one): training changes the main network only, and
+    every checkpoint of the run, resumed or not, carries the first-click network unchanged."""
+    from napari_deepcrop.checkpoint import load_first_click_model
+
+    torch.manual_seed(0)
+    first = DeepCropV2(DeepCropConfig(input_size=64, click_encoding="disk")).eval()
+    init = save_checkpoint(tmp_path / "two.pt", DeepCropV2(DeepCropConfig(input_size=64)), first_click_model=first)
+    run = tmp_path / "run"
+    train.main(args_for(coco, run, "--init", str(init), "--max-steps", "1"))
+    train.main(args_for(coco, run, "--max-steps", "2", "--resume", str(run / "checkpoint.pt")))
+    payload = read_checkpoint(run / "checkpoint.pt")
+    assert payload["step"] == 2
+    kept = load_first_click_model(payload)
+    assert kept.config == first.config
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), kept.state_dict().values(), strict=True))
+    assert load_first_click_model(read_checkpoint(init)) is not None

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from napari_deepcrop.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from napari_deepcrop.checkpoint import load_checkpoint, load_first_click_model, read_checkpoint, save_checkpoint
 from napari_deepcrop.model import CLICK_ENCODINGS, SCORE_HEADS, TRUNK_STRIDES, TRUNKS, DeepCropConfig, DeepCropV2
 from napari_deepcrop.predictor import pick_device
 
@@ -461,12 +461,16 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal weights and gradients slow CPU training by up to 2x
     resume = read_checkpoint(args.resume) if args.resume else None
+    # a first-click network the starting checkpoint holds (the bundled one does) goes into every checkpoint unchanged
+    first_click_model = None
     if resume is not None:
         config = DeepCropConfig.from_dict(resume["config"])
         model = DeepCropV2(config).to(device)
         model.load_state_dict(resume["model"])
+        first_click_model = load_first_click_model(resume, args.resume)
     elif args.init is not None:
-        init_model, _ = load_checkpoint(args.init)
+        init_model, init_payload = load_checkpoint(args.init)
+        first_click_model = load_first_click_model(init_payload, args.init)
         _check_init_architecture(args, init_model.config)
         if args.score_head is not None and args.score_head != init_model.config.score_head:
             init_model = init_model.with_score_head(args.score_head)
@@ -540,6 +544,7 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         save_checkpoint(
             args.output_dir / name,
             weights if weights is not None else model_without_ddp,
+            first_click_model=first_click_model,
             optimizer=optimizer.state_dict(),
             lr_scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict(),

@@ -1,5 +1,9 @@
 """Checkpoints: a format version, the model config as a plain dict, the weights, and provenance.
 
+A checkpoint may also hold a second network for first clicks (``first_click``: its own config and weights; see
+:class:`~napari_deepcrop.predictor.DeepCropPredictor`): the predictor then reads a first click with it and every
+click with a previous mask with the main one.
+
 Plain dicts and tensors only, so every file loads with ``torch.load(weights_only=True)``: opening a checkpoint
 someone sent you runs no code. Training adds its own state (optimizer, scheduler, RNG) under other keys.
 """
@@ -30,22 +34,36 @@ def default_checkpoint_path() -> Path:
     return Path(str(files("napari_deepcrop") / "weights" / DEFAULT_CHECKPOINT))
 
 
-def save_checkpoint(path: str | os.PathLike, model: DeepCropV2, half: bool = False, **extra: Any) -> Path:
+def _weights(model: DeepCropV2, half: bool) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in model.state_dict().items()
+    }
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: DeepCropV2,
+    half: bool = False,
+    first_click_model: DeepCropV2 | None = None,
+    **extra: Any,
+) -> Path:
     """Write ``model`` (and any ``extra`` plain-data entries) atomically: a crash never leaves half a file.
 
     ``half=True`` stores floating-point weights as float16, halving the file (for the bundled checkpoint).
+    ``first_click_model``: a second network for first clicks, stored under ``first_click``.
     """
-    state = {
-        k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
-        for k, v in model.state_dict().items()
-    }
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "model": state,
+        "model": _weights(model, half),
         **extra,
     }
+    if first_click_model is not None:
+        payload["first_click"] = {
+            "config": first_click_model.config.to_dict(),
+            "model": _weights(first_click_model, half),
+        }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
@@ -92,12 +110,30 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> tuple[DeepCropV2, 
         config = DeepCropConfig.from_dict(payload["config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} has an invalid model config: {exc}") from exc
+    return _build(path, config, payload["model"]), payload
+
+
+def load_first_click_model(payload: dict[str, Any], path: str | os.PathLike = "checkpoint") -> DeepCropV2 | None:
+    """The checkpoint's network for first clicks (``first_click``), in eval mode, or None when it has none."""
+    entry = payload.get("first_click")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not {"config", "model"} <= set(entry):
+        raise CheckpointError(f"{path}: its 'first_click' entry needs a 'config' and a 'model'")
+    try:
+        config = DeepCropConfig.from_dict(entry["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has an invalid config for its first-click network: {exc}") from exc
+    return _build(path, config, entry["model"], "first-click network's ")
+
+
+def _build(path, config: DeepCropConfig, weights: dict[str, torch.Tensor], which: str = "") -> DeepCropV2:
     model = DeepCropV2(config)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{path}: weights do not match the architecture in its own config: {exc}"
+            f"{path}: the {which}weights do not match the architecture in its own config: {exc}"
         ) from exc
-    return model.eval(), payload
+    return model.eval()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import default_checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import default_checkpoint_path, load_checkpoint, load_first_click_model, save_checkpoint
 
 RUN_DIR = "finetune"
 CHECKPOINT = "finetuned.pt"
@@ -124,7 +124,9 @@ def finetune(
             run_dir.rmdir()  # only when the run left nothing in it
         raise
     meta = {**payload.get("meta", {}), "init": str(init), "before": before, "after": after}
-    checkpoint = save_checkpoint(run_dir / CHECKPOINT, model, meta=meta)
+    # training tunes the main network; a first-click network of ``init`` went into the run's checkpoint unchanged
+    first_click_model = load_first_click_model(payload, run_dir / "checkpoint.pt")
+    checkpoint = save_checkpoint(run_dir / CHECKPOINT, model, first_click_model=first_click_model, meta=meta)
     for name in ("checkpoint.pt", "best.pt"):  # training state (optimizer, RNG): not needed to use the model
         (run_dir / name).unlink(missing_ok=True)
     return FinetuneResult(checkpoint, before, after, held_out, steps)

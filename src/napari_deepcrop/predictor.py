@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_first_click_model
 from .clicks import encode_clicks
 from .crops import Crop, PlacedMask, logits_extent, paste_logits, read_crop, warp_logits
 from .edges import EDGE_SIDE, snap_to_edges
@@ -216,6 +216,7 @@ class DeepCropPredictor:
         device: str | torch.device | None = None,
         snap_edges: bool = True,
         zoom_in: bool = True,
+        first_click_model: DeepCropV2 | None = None,
     ) -> None:
         self.device = pick_device(device)
         # GrabCut moves the mask's boundary onto the image's edges (napari_deepcrop.edges); False: the network's
@@ -247,15 +248,27 @@ class DeepCropPredictor:
         # against 95; benchmarks/latency.py, 2 CPU cores); no statistics swapped, so a click and a propagation run
         # side by side. Making the copies adds 0.13 s to loading the predictor.
         self.nets = {s: self.model.folded(s).to(memory_format=torch.channels_last) for s in self.config.sizes}
+        # a second network for first clicks (its scales, its alternatives and its zoom-in), ``model`` for every click
+        # with a previous mask: one trained to read a click alone, one to refine (a checkpoint's ``first_click``)
+        self.first_click_model = None
+        self.first_config, self.first_nets = self.config, self.nets
+        if first_click_model is not None:
+            self.first_click_model = first_click_model.eval().to(self.device, memory_format=torch.channels_last)
+            self.first_config = first_click_model.config
+            first_net = self.first_click_model
+            self.first_nets = {
+                s: first_net.folded(s).to(memory_format=torch.channels_last) for s in self.first_config.sizes
+            }
         self._source: ImageSource | None = None
 
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None, **kwargs: Any
     ) -> DeepCropPredictor:
-        """Load a checkpoint (None: the bundled default) onto ``device`` (None: CUDA when available, else CPU);
-        ``kwargs`` go to the constructor (``snap_edges``)."""
-        model, _ = load_checkpoint(path)
+        """Load a checkpoint (None: the bundled default) onto ``device`` (None: CUDA when available, else CPU),
+        with its first-click network if it holds one; ``kwargs`` go to the constructor (``snap_edges``)."""
+        model, payload = load_checkpoint(path)
+        kwargs.setdefault("first_click_model", load_first_click_model(payload, path or "the bundled checkpoint"))
         return cls(model, device, **kwargs)
 
     def set_image(
@@ -305,11 +318,12 @@ class DeepCropPredictor:
                 "alternative masks are a first click's (no prev_mask)" if prev_mask is not None
                 else f"alternative must be in 0..{len(crops) - 1} on this image, got {alternative}"
             )  # fmt: skip
-        size = self.config.input_size if prev_mask is None else self.config.refinement_size
-        logits, scores = self._run(source, crops, points, labels, prev_mask, size)
+        first = prev_mask is None
+        size = self.first_config.input_size if first else self.config.refinement_size
+        logits, scores = self._run(source, crops, points, labels, prev_mask, size, first)
         best = int(np.argsort(-scores, kind="stable")[alternative])
         crop, chosen = crops[best], logits[best]
-        if prev_mask is None and self.zoom_in and self.config.prev_mask:
+        if first and self.zoom_in and self.first_config.prev_mask:
             crop, chosen, scores[best] = self._zoom_in(source, crop, chosen, scores[best], points, labels)
         elif prev_mask is not None and self.focus_ratio is not None and self.config.prev_mask:
             chosen = self._focus(source, crop, chosen, points, labels)
@@ -384,7 +398,7 @@ class DeepCropPredictor:
         crop_mask, origin = paste_logits(logits, crop, source.shape)
         zoomed = _crops_around(*extent, points, (1.0,))
         prev = PlacedMask(crop_mask, origin, source.shape)
-        z_logits, z_scores = self._run(source, zoomed, points, labels, prev, self.config.refinement_size)
+        z_logits, z_scores = self._run(source, zoomed, points, labels, prev, self.first_config.refinement_size, True)
         return zoomed[0], z_logits[0], z_scores[0]
 
     def _focus(self, source: ImageSource, crop: Crop, logits: np.ndarray, points, labels) -> np.ndarray:
@@ -422,17 +436,21 @@ class DeepCropPredictor:
         return region, snap_to_edges(rgb, prior, region.to_input(points, size), labels)
 
     @torch.inference_mode()
-    def _run(self, source: ImageSource, crops, points, labels, prev_mask, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The network on ``crops``, each resized to ``size`` input pixels: (logits (N, size, size), scores)."""
+    def _run(
+        self, source: ImageSource, crops, points, labels, prev_mask, size: int, first: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The network (``first``: the first click's) on ``crops``, each resized to ``size`` input pixels: (logits
+        (N, size, size), scores)."""
+        config, nets = (self.first_config, self.first_nets) if first else (self.config, self.nets)
         images, planes = [], []
         for crop in crops:
             images.append(read_crop(source.array, crop, size, source.to_float))
             prev = None
-            if prev_mask is not None and self.config.prev_mask:
+            if prev_mask is not None and config.prev_mask:
                 prev = read_crop(prev_mask, crop, size, lambda m: m.astype(np.float32)) > 0.5
-            planes.append(encode_clicks(crop.to_input(points, size), labels, self.config, prev, size))
+            planes.append(encode_clicks(crop.to_input(points, size), labels, config, prev, size))
         image_t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)
         planes_t = torch.from_numpy(np.stack(planes)).to(self.device, memory_format=torch.channels_last)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            mask_logits, score_logits = self.nets[size](image_t, planes_t)
+            mask_logits, score_logits = nets[size](image_t, planes_t)
         return mask_logits[:, 0].float().cpu().numpy(), torch.sigmoid(score_logits.float()).cpu().numpy()
