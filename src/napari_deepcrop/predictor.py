@@ -202,6 +202,19 @@ def _crops_around(lo: np.ndarray, hi: np.ndarray, points: np.ndarray, factors) -
     return [Crop.centered((lo + hi) / 2, extent / REFINE_RATIO * f) for f in factors]
 
 
+def _runnable(model: DeepCropV2, device: torch.device) -> tuple[DeepCropV2, dict[int, DeepCropV2]]:
+    """``model`` in eval mode on ``device``, and what runs: a copy for each of its input sizes with its batch norms
+    folded into the convolutions (:meth:`DeepCropV2.folded`).
+
+    Channels-last convolutions: the same masks (to float rounding), a first click ~12 % faster on the CPU (oneDNN),
+    and the layout tensor cores want. Folding: the same masks to float rounding; a 1024² first click 51 ms against
+    80 (snapped 80 against 95; benchmarks/latency.py, 2 CPU cores); no statistics swapped, so a click and a
+    propagation run side by side. Making the copies adds 0.13 s to loading the predictor.
+    """
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    return model, {s: model.folded(s).to(memory_format=torch.channels_last) for s in model.config.sizes}
+
+
 class DeepCropPredictor:
     """Click-to-mask segmentation with a DeepCropV2; (row, col) coordinates in image pixels.
 
@@ -239,26 +252,15 @@ class DeepCropPredictor:
             # trained weights hold denormal floats, which x86 CPUs compute slowly; flushing them to zero changes
             # no mask and speeds inference up (a process-wide setting, harmless for napari)
             torch.set_flush_denormal(True)
-        # channels-last convolutions: the same masks (to float rounding), a first click ~12 % faster on the CPU
-        # (oneDNN), and the layout tensor cores want
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model, self.nets = _runnable(model, self.device)
         self.config = model.config
-        # what runs: a copy of the network for each input size with its batch norms folded into the convolutions
-        # (DeepCropV2.folded). The same masks to float rounding; a 1024² first click 51 ms against 80 (snapped 80
-        # against 95; benchmarks/latency.py, 2 CPU cores); no statistics swapped, so a click and a propagation run
-        # side by side. Making the copies adds 0.13 s to loading the predictor.
-        self.nets = {s: self.model.folded(s).to(memory_format=torch.channels_last) for s in self.config.sizes}
         # a second network for first clicks (its scales, its alternatives and its zoom-in), ``model`` for every click
         # with a previous mask: one trained to read a click alone, one to refine (a checkpoint's ``first_click``)
         self.first_click_model = None
         self.first_config, self.first_nets = self.config, self.nets
         if first_click_model is not None:
-            self.first_click_model = first_click_model.eval().to(self.device, memory_format=torch.channels_last)
+            self.first_click_model, self.first_nets = _runnable(first_click_model, self.device)
             self.first_config = first_click_model.config
-            first_net = self.first_click_model
-            self.first_nets = {
-                s: first_net.folded(s).to(memory_format=torch.channels_last) for s in self.first_config.sizes
-            }
         self._source: ImageSource | None = None
 
     @classmethod
@@ -325,7 +327,7 @@ class DeepCropPredictor:
         crop, chosen = crops[best], logits[best]
         if first and self.zoom_in and self.first_config.prev_mask:
             crop, chosen, scores[best] = self._zoom_in(source, crop, chosen, scores[best], points, labels)
-        elif prev_mask is not None and self.focus_ratio is not None and self.config.prev_mask:
+        elif not first and self.focus_ratio is not None and self.config.prev_mask:
             chosen = self._focus(source, crop, chosen, points, labels)
         if self.snap_edges:
             crop, chosen = self._snap(source, crop, chosen, points, labels)
