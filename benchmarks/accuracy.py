@@ -67,6 +67,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="a further click's focus crop around it, the object's extent this many times its side, instead of the "
         "predictor's FOCUS_RATIO; 0: no focus crop",
     )  # fmt: skip
+    parser.add_argument(
+        "--zoom-in-passes", type=int, default=None,
+        help="the first click's zoom-in passes (the first by the first-click network, later ones by the refining "
+        "one) instead of the predictor's ZOOM_IN_PASSES",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-flip-average", action="store_true",
+        help="run the refining network's crops alone, not averaged with their mirror images (an ablation)",
+    )
     parser.add_argument("--max-clicks", type=int, default=20)
     parser.add_argument(
         "--alternatives", type=int, default=1,
@@ -96,6 +105,9 @@ def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
             predictor.refine_factors = tuple(args.refine_factors)
         if args.focus_ratio is not None:
             predictor.focus_ratio = args.focus_ratio or None
+        if args.zoom_in_passes is not None:
+            predictor.zoom_in_passes = args.zoom_in_passes
+        predictor.flip_average = not args.no_flip_average
         return predictor
     return BASELINES[name]()
 
@@ -135,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "refine_size": args.refine_size,
         "refine_factors": args.refine_factors,
         "focus_ratio": args.focus_ratio,
+        "zoom_in_passes": args.zoom_in_passes,
+        "flip_average": not args.no_flip_average,
         "alternatives": args.alternatives,
         "first_click": args.first_click,
         "methods": {},

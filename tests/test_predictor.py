@@ -202,9 +202,12 @@ def test_first_click_scales_run_from_the_smallest_crop_to_the_whole_image(shape,
 
 @pytest.mark.slow
 def test_first_click_zoom_in_refines_the_chosen_scales_mask_on_the_refinement_crop(disk_model):
-    """zoom_in: the first click runs once more, on one crop around the chosen scale's mask, that mask as
-    prev_mask; the mask and score returned are that second pass's. zoom_in=False gives the first pass alone."""
-    from napari_deepcrop.crops import PlacedMask
+    """zoom_in: the first click runs zoom_in_passes more times, each on one crop around the mask of the pass before
+    (the mask's box filling 0.6 of it), that mask as prev_mask; the mask and score returned are the last pass's.
+    The first zoom-in pass is the first-click network's, the later ones the refining network's (``first`` False).
+    zoom_in=False gives the scales' pass alone."""
+    from napari_deepcrop.crops import PlacedMask, paste_logits
+    from napari_deepcrop.predictor import first_click_sides
 
     image, truth = disk_image(512, (260, 240), 45, seed=21)
     click, label = np.array([[260, 240]]), np.array([1])
@@ -212,24 +215,34 @@ def test_first_click_zoom_in_refines_the_chosen_scales_mask_on_the_refinement_cr
     plain.set_image(image)
     first, _ = plain.predict(click, label)
     zoomed = DeepCropPredictor(disk_model, device="cpu", snap_edges=False)
+    assert zoomed.zoom_in_passes == 2
     zoomed.set_image(image)
-    calls = []
+    calls, results = [], []
     run = zoomed._run
 
-    def spy(source, crops, points, labels, prev_mask, size, *rest):
-        calls.append((list(crops), prev_mask))
-        return run(source, crops, points, labels, prev_mask, size, *rest)
+    def spy(source, crops, points, labels, prev_mask, size, first=False, mirror=False):
+        calls.append((list(crops), prev_mask, first, mirror))
+        results.append(run(source, crops, points, labels, prev_mask, size, first, mirror))
+        return results[-1]
 
     zoomed._run = spy
     mask, score = zoomed.predict(click, label)
-    assert len(calls) == 2 and calls[0][1] is None and len(calls[1][0]) == 1
+    scales = len(first_click_sides(image.shape))
+    # the scales, the first-click network's zoom-in pass, the refining network's (with the crop's mirror image)
+    passes = [(len(c), p is None, f, m) for c, p, f, m in calls]
+    assert passes == [(scales, True, True, False), (1, False, True, False), (1, False, False, True)]
     assert isinstance(calls[1][1], PlacedMask) and np.array_equal(calls[1][1].full(), first)
-    side = calls[1][0][0].side  # the refinement crop: the mask's box fills 0.6 of it
-    extent = max(np.ptp(np.nonzero(first)[0]), np.ptp(np.nonzero(first)[1])) + 1
-    assert side == pytest.approx(extent / 0.6, rel=0.05)
-    second = run(zoomed._source, calls[1][0], click, label, calls[1][1], 64)
-    assert score == pytest.approx(float(second[1][0]))
+    for crops, prev, *_ in calls[1:]:
+        extent = max(np.ptp(np.nonzero(prev.full())[0]), np.ptp(np.nonzero(prev.full())[1])) + 1
+        assert crops[0].side == pytest.approx(extent / 0.6, rel=0.05)  # around the mask before it
+    second, origin = paste_logits(results[1][0][0], calls[1][0][0], image.shape[:2])
+    assert np.array_equal(calls[2][1].crop, second) and calls[2][1].origin == origin
+    assert score == pytest.approx(float(results[2][1][0]))
     assert iou(mask, truth) > 0.8
+    zoomed.zoom_in_passes = 1
+    calls.clear()
+    zoomed.predict(click, label)
+    assert len(calls) == 2
 
 
 @pytest.mark.slow
@@ -244,10 +257,12 @@ def test_refinement_crops_run_at_the_refinement_size_and_first_click_scales_at_t
     image, truth = disk_image(512, (260, 240), 45, seed=21)
     p.set_image(image)
     first, _ = p.predict(np.array([[260, 240]]), np.array([1]))
-    assert seen == [(len(first_click_sides(image.shape)), 3, 64, 64), (1, 3, 96, 96)]
+    # the scales, the first-click network's zoom-in, the refining network's (a crop and its mirror image)
+    assert seen == [(len(first_click_sides(image.shape)), 3, 64, 64), (1, 3, 96, 96), (2, 3, 96, 96)]
     seen.clear()
     refined, _ = p.predict(np.array([[260, 240], [100, 100]]), np.array([1, 0]), prev_mask=first)
-    assert seen == [(len(p.refine_factors), 3, 96, 96), (1, 3, 96, 96)]  # the object's crop(s), the focus crop
+    # the object's crop(s) with their mirror images, the focus crop
+    assert seen == [(2 * len(p.refine_factors), 3, 96, 96), (1, 3, 96, 96)]
     assert refined.shape == truth.shape and refined[260, 240] and not refined[100, 100]
 
 
@@ -306,7 +321,7 @@ def test_alternative_masks_are_the_first_click_scales_in_the_order_of_their_scor
     p.set_image(image)
     assert p.alternatives() == len(first_click_sides(image.shape)) > 1
     crops = p._candidate_crops(click, label, None, image.shape[:2])
-    logits, scores = p._run(p._source, crops, click, label, None, 64)
+    logits, scores = p._run(p._source, crops, click, label, None, 64, True)  # a first click's pass
     order = np.argsort(-scores)
     assert len(set(scores.tolist())) == len(scores)  # a strict order to check against
     masks = []
@@ -341,8 +356,9 @@ def test_alternative_errors(disk_model):
 
 
 def test_a_first_click_network_reads_first_clicks_and_the_main_network_every_later_click(disk_model):
-    """first_click_model: a first click (its scales, their ranking and the zoom-in) is that network's alone, as if it
-    were the only one; a click with a previous mask (and propagation) is the main network's alone."""
+    """first_click_model: a first click's scales, their ranking and its first zoom-in pass are that network's, as if it
+    were the only one; the later zoom-in passes and every click with a previous mask (and propagation) are the main
+    network's alone."""
     torch.manual_seed(1)
     other = DeepCropV2(DeepCropConfig(input_size=64, decoder_width=16, click_encoding="disk")).eval()
     both = DeepCropPredictor(disk_model, device="cpu", snap_edges=False, first_click_model=other)
@@ -352,15 +368,63 @@ def test_a_first_click_network_reads_first_clicks_and_the_main_network_every_lat
     for p in (both, main_only, other_only):
         p.set_image(image)
     click, label = np.array([[150, 140]]), np.array([1])
+    runs = []
+    # the trained network reading first clicks (the untrained one finds no object to zoom in on)
+    swapped = DeepCropPredictor(other, device="cpu", snap_edges=False, first_click_model=disk_model)
+    for p in (both, swapped):
+        for name, nets in (("first", p.first_nets), ("main", p.nets)):
+            for net in nets.values():
+                net.register_forward_pre_hook(lambda module, args, name=name: runs.append(name))
+    swapped.set_image(image)
+    swapped.predict(click, label)
+    assert runs == ["first", "first", "main"]  # the scales, the first zoom-in pass, the second
+    runs.clear()
+    both.zoom_in_passes = other_only.zoom_in_passes = main_only.zoom_in_passes = 1
     first, first_score = both.predict(click, label)
     expected, expected_score = other_only.predict(click, label)
     assert np.array_equal(first, expected) and first_score == pytest.approx(expected_score)
     assert first_score != pytest.approx(main_only.predict(click, label)[1])  # the two networks do differ
     prev, _ = main_only.predict(click, label)
     clicks, labels = np.array([[150, 140], [150, 185]]), np.array([1, 0])
+    runs.clear()
     refined, refined_score = both.predict(clicks, labels, prev_mask=prev)
+    assert set(runs) == {"main"}
     expected, expected_score = main_only.predict(clicks, labels, prev_mask=prev)
     assert np.array_equal(refined, expected) and refined_score == pytest.approx(expected_score)
     assert both.alternatives() == main_only.alternatives()
     second = other_only.predict(click, label, alternative=1)[0]
     assert np.array_equal(both.predict(click, label, alternative=1)[0], second)
+
+
+def test_flip_average_runs_each_refining_crop_and_its_mirror_image(disk_model):
+    """flip_average: a pass of the refining network on the object's crop averages the network on the crop and on
+    its mirror image (the click and previous-mask planes mirrored with it), so the mirrored image with the mirrored
+    clicks and mask gives the mirrored logits to float rounding; the network alone is not mirror-symmetric. First-click
+    passes and focus crops are never mirrored (predict's passes: the zoom-in and refinement tests above)."""
+    from napari_deepcrop.crops import Crop, PlacedMask
+
+    image, truth = disk_image(256, (120, 100), 40, seed=3)
+    width = image.shape[1]
+    points, labels = np.array([[120.0, 100.0], [120.0, 150.0]]), np.array([1, 0])
+    mirrored_points = np.stack([points[:, 0], width - 1 - points[:, 1]], axis=1)
+    crop = Crop.centered((120, 100), 110)
+    mirrored_crop = Crop(crop.row0, width - crop.col0 - crop.side, crop.side)
+    p = DeepCropPredictor(disk_model, device="cpu", snap_edges=False)
+    assert p.flip_average and p._mirror(first=False) and not p._mirror(first=True)
+    p.flip_average = False
+    assert not p._mirror(first=False)
+
+    def logits(mirrored: bool, mirror: bool):
+        img, c, pts, prev = (image, crop, points, truth)
+        if mirrored:
+            img, c, pts, prev = image[:, ::-1].copy(), mirrored_crop, mirrored_points, truth[:, ::-1].copy()
+        p.set_image(img, contrast_limits=(0, 255))
+        size = p.config.refinement_size
+        out = p._run(p._source, [c], pts, labels, PlacedMask.from_full(prev), size, False, mirror)[0][0]
+        return out[:, ::-1] if mirrored else out
+
+    averaged = logits(False, mirror=True)
+    np.testing.assert_allclose(logits(True, mirror=True), averaged, atol=1e-4)
+    alone, alone_mirrored = logits(False, mirror=False), logits(True, mirror=False)
+    assert np.abs(alone_mirrored - alone).max() > 1e-2
+    np.testing.assert_allclose((alone + alone_mirrored) / 2, averaged, atol=1e-4)
