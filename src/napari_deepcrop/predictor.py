@@ -340,7 +340,7 @@ class DeepCropPredictor:
         logits, scores = self._run(source, crops, points, labels, prev_mask, size, first, self._mirror(first))
         best = int(np.argsort(-scores, kind="stable")[alternative])
         crop, chosen = crops[best], logits[best]
-        if first and self.zoom_in and self.first_config.prev_mask:
+        if first and self.zoom_in:
             crop, chosen, scores[best] = self._zoom_in(source, crop, chosen, scores[best], points, labels)
         elif not first and self.focus_ratio is not None and self.config.prev_mask:
             chosen = self._focus(source, crop, chosen, points, labels)
@@ -413,15 +413,14 @@ class DeepCropPredictor:
         (when it reads a previous mask), each around the mask of the pass before."""
         for n in range(self.zoom_in_passes):
             first = n == 0
-            if not (self.first_config if first else self.config).prev_mask:
-                break
-            extent = logits_extent(logits, crop)
-            if extent is None:
+            config = self.first_config if first else self.config
+            extent = logits_extent(logits, crop) if config.prev_mask else None
+            if extent is None:  # a network that reads no previous mask, or no mask to zoom in on
                 break
             crop_mask, origin = paste_logits(logits, crop, source.shape)
             zoomed = _crops_around(*extent, points, (1.0,))
             prev = PlacedMask(crop_mask, origin, source.shape)
-            size = (self.first_config if first else self.config).refinement_size
+            size = config.refinement_size
             z_logits, z_scores = self._run(source, zoomed, points, labels, prev, size, first, self._mirror(first))
             crop, logits, score = zoomed[0], z_logits[0], z_scores[0]
         return crop, logits, score
