@@ -132,6 +132,36 @@ def test_refinement_from_a_placed_mask_equals_refinement_from_the_full_mask():
         p.predict(clicks, labels, prev_mask=PlacedMask(mask[:10, :10], (0, 0), (10, 10)))
 
 
+def test_to_float_normalises_each_kept_channel_into_one_contiguous_array():
+    """Strided views (a large crop read with a step), channel selection and reordering, RGBA, grayscale and NaN
+    all give the per-channel (x - low) / (high - low) clipped to [0, 1], C-contiguous for the crop's warp."""
+    from napari_deepcrop.predictor import ImageSource
+
+    rng = np.random.default_rng(5)
+
+    def reference(region, channels, low, high):
+        region = region[..., None] if region.ndim == 2 else region[..., list(channels)]
+        out = np.clip((region.astype(np.float64) - low) / (high - low), 0, 1)
+        out = np.nan_to_num(out, nan=0.0)
+        return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
+
+    rgb = rng.integers(0, 256, (80, 90, 3), dtype=np.uint8)
+    five = rng.normal(100, 40, (60, 50, 5)).astype(np.float32)
+    five[3, 4, 2] = np.nan
+    gray = rng.integers(0, 4096, (70, 40), dtype=np.uint16)
+    cases = [
+        (rgb, None, None, (slice(5, 75, 2), slice(3, 90, 3))),
+        (np.dstack([rgb, rgb[..., :1]]), None, (10, 200), (slice(0, 80), slice(0, 90))),  # RGBA: alpha dropped
+        (five, (4, 0, 2), [(50, 150), (0, 200), (90, 110)], (slice(1, 60, 2), slice(0, 50))),
+        (gray, None, (100, 3000), (slice(10, 70, 3), slice(0, 40, 2))),
+    ]
+    for image, channels, limits, key in cases:
+        source = ImageSource.from_array(image, limits, channels)
+        out = source.to_float(image[key])
+        assert out.dtype == np.float32 and out.flags.c_contiguous and out.shape[-1] == 3
+        np.testing.assert_allclose(out, reference(image[key], source.channels, source.low, source.high), atol=1e-6)
+
+
 def test_separate_channels_are_each_normalised_by_their_own_contrast_limits():
     """napari's channel_axis gives one layer per channel: a ChannelStack sees them as one image, each channel
     with its layer's contrast limits, and segments exactly as the stacked array would."""

@@ -171,10 +171,12 @@ class PlacedMask:
     @classmethod
     def from_full(cls, mask: np.ndarray) -> PlacedMask:
         mask = np.asarray(mask, bool)
-        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        rows = np.nonzero(mask.any(axis=1))[0]
         if len(rows) == 0:
             return cls(np.zeros((0, 0), bool), (0, 0), mask.shape)
-        crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        band = mask[rows[0] : rows[-1] + 1]  # one pass over the image, the second over the object's rows alone
+        cols = np.nonzero(band.any(axis=0))[0]
+        crop = band[:, cols[0] : cols[-1] + 1]
         return cls(crop, (int(rows[0]), int(cols[0])), mask.shape)
 
     @property

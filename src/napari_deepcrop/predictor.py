@@ -151,12 +151,15 @@ class ImageSource:
         """A region of the raw array -> (h, w, 3) float32 in [0, 1], each channel by its contrast limits; NaNs
         become 0."""
         region = np.asarray(region)
-        if region.ndim == 3:
-            region = region[..., list(self.channels)]
-        else:
+        if region.ndim == 2:
             region = region[..., None]
+        elif self.channels != tuple(range(region.shape[-1])):  # an index copy leaves a strided layout: only if needed
+            region = region[..., list(self.channels)]
         low, high = self.low.astype(np.float32), self.high.astype(np.float32)
-        out = (region.astype(np.float32) - low) / (high - low)
+        # in place on one C-ordered copy (the crop's warp wants it contiguous): a 667² RGB region 0.4 ms, not 2.3
+        out = region.astype(np.float32, order="C")
+        out -= low
+        out /= high - low
         if np.issubdtype(region.dtype, np.floating):  # integers have no NaN or inf: spare a pass over the region
             np.nan_to_num(out, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
         np.clip(out, 0.0, 1.0, out=out)
