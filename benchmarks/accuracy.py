@@ -76,6 +76,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--no-flip-average", action="store_true",
         help="run the refining network's crops alone, not averaged with their mirror images (an ablation)",
     )
+    parser.add_argument(
+        "--progressive-merge-from", type=int, default=None,
+        help="merge a further click's mask into the previous one progressively (FocalClick's) from this many "
+        "clicks on, instead of the predictor's PROGRESSIVE_MERGE_FROM; 0: never",
+    )  # fmt: skip
     parser.add_argument("--max-clicks", type=int, default=20)
     parser.add_argument(
         "--alternatives", type=int, default=1,
@@ -107,6 +112,8 @@ def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
             predictor.focus_ratio = args.focus_ratio or None
         if args.zoom_in_passes is not None:
             predictor.zoom_in_passes = args.zoom_in_passes
+        if args.progressive_merge_from is not None:
+            predictor.progressive_merge_from = args.progressive_merge_from or None
         predictor.flip_average = not args.no_flip_average
         return predictor
     return BASELINES[name]()

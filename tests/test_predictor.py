@@ -458,3 +458,66 @@ def test_flip_average_runs_each_refining_crop_and_its_mirror_image(disk_model):
     alone, alone_mirrored = logits(False, mirror=False), logits(True, mirror=False)
     assert np.abs(alone_mirrored - alone).max() > 1e-2
     np.testing.assert_allclose((alone + alone_mirrored) / 2, averaged, atol=1e-4)
+
+
+def test_progressive_merge_changes_the_previous_mask_only_where_the_click_is():
+    """FocalClick's progressive merge: of everything the new mask changes, only the part connected to the click
+    reaches the previous mask: added for a click outside it, removed for a click inside; a click whose pixel the
+    new mask leaves as it was merges nothing (the new mask is kept)."""
+    from napari_deepcrop.crops import PlacedMask, progressive_merge
+
+    shape = (5000, 6000)  # only the masks' boxes are read
+    prev = np.zeros(shape, bool)
+    prev[1000:1100, 2000:2100] = True
+    prev[1000:1010, 2200:2210] = True  # a stray blob the new mask drops
+    new = prev.copy()
+    new[1000:1010, 2200:2210] = False
+    new[1100:1130, 2000:2050] = True  # grown where the click is (touching the old mask)
+    new[1200:1220, 2300:2320] = True  # and a blob far away
+    new[1000:1020, 2000:2020] = False  # a bite out of the old mask
+    merged = progressive_merge(PlacedMask.from_full(new), PlacedMask.from_full(prev), (1120, 2010)).full()
+    expected = prev.copy()
+    expected[1100:1130, 2000:2050] = True
+    assert np.array_equal(merged, expected)
+
+    # a negative click in the bite removes the bite alone
+    merged = progressive_merge(PlacedMask.from_full(new), PlacedMask.from_full(prev), (1005, 2005)).full()
+    expected = prev.copy()
+    expected[1000:1020, 2000:2020] = False
+    assert np.array_equal(merged, expected)
+
+    # a click the new mask does not answer (its pixel as before): the new mask as it is
+    placed = PlacedMask.from_full(new)
+    assert progressive_merge(placed, PlacedMask.from_full(prev), (1050, 2050)) is placed
+
+    # removing the whole previous mask: an empty mask
+    only = np.zeros(shape, bool)
+    only[10:20, 10:20] = True
+    gone = progressive_merge(PlacedMask.from_full(np.zeros(shape, bool)), PlacedMask.from_full(only), (15, 15))
+    assert not gone.any() and gone.shape == shape
+
+
+@pytest.mark.slow
+def test_clicks_from_progressive_merge_from_on_merge_into_the_previous_mask(disk_model):
+    """From ``progressive_merge_from`` clicks on, predict() returns the previous mask merged with the new one by
+    progressive_merge at the newest click; before, the new mask itself; None never merges."""
+    from napari_deepcrop.crops import PlacedMask, progressive_merge
+
+    image, truth = disk_image(256, (128, 128), 40, seed=9)
+    prev = truth.copy()
+    prev[60:80, 150:200] = True  # an error away from the newest click, which the network will drop
+    prev[150:170, 110:150] = False  # the error the newest (positive) click is on
+    points = np.array([[128.0, 128.0], [140.0, 100.0], [160.0, 130.0]])
+    labels = np.array([1, 1, 1])
+    p = DeepCropPredictor(disk_model, device="cpu", snap_edges=False)
+    p.set_image(image)
+    p.progressive_merge_from = None
+    plain, plain_score = p.predict(points, labels, prev_mask=prev)
+    assert not plain[60:80, 150:200].all()  # the network changes the mask away from the newest click too
+    p.progressive_merge_from = 3
+    merged, score = p.predict(points, labels, prev_mask=prev)
+    expected = progressive_merge(PlacedMask.from_full(plain), PlacedMask.from_full(prev), points[-1]).full()
+    assert np.array_equal(merged, expected) and score == plain_score
+    assert merged[160, 130] and merged[60:80, 150:200].all()  # the click's error fixed, the other one kept
+    p.progressive_merge_from = 4
+    assert np.array_equal(p.predict(points, labels, prev_mask=prev)[0], plain)

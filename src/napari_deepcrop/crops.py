@@ -201,3 +201,27 @@ class PlacedMask:
         keep_c = (cols >= 0) & (cols < self.crop.shape[1])
         out[np.ix_(keep_r, keep_c)] = self.crop[np.ix_(rows[keep_r], cols[keep_c])]
         return out
+
+
+def progressive_merge(new: PlacedMask, prev: PlacedMask, point) -> PlacedMask:
+    """FocalClick's progressive merge: ``prev`` changed only by the part of where ``new`` differs from it that is
+    connected (8-connected) to the click at ``point`` (row, col): added where the click's pixel was outside ``prev``,
+    removed where it was inside. Where ``new`` leaves the click's pixel as ``prev`` had it, there is nothing to
+    merge: ``new`` itself. Only the two masks' boxes are read."""
+    shape = new.shape
+    row, col = (int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(point, shape, strict=True))
+    boxes = [m.bbox for m in (new, prev) if m.crop.size] + [(slice(row, row + 1), slice(col, col + 1))]
+    r0, r1 = min(b[0].start for b in boxes), max(b[0].stop for b in boxes)
+    c0, c1 = min(b[1].start for b in boxes), max(b[1].stop for b in boxes)
+    window = (slice(r0, r1), slice(c0, c1))
+    before, after = prev[window], new[window]
+    diff = before ^ after
+    at = (row - r0, col - c0)
+    if not diff[at]:
+        return new
+    _, parts = cv2.connectedComponents(diff.astype(np.uint8), connectivity=8)
+    part = parts == parts[at]
+    merged = PlacedMask.from_full(before & ~part if before[at] else before | part)
+    if not merged.any():
+        return PlacedMask(np.zeros((0, 0), bool), (0, 0), shape)
+    return PlacedMask(merged.crop, (r0 + merged.origin[0], c0 + merged.origin[1]), shape)

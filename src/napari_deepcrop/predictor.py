@@ -7,8 +7,9 @@ some of its crops at these same scales, so that the score head learns to rank th
 (RITM's zoom-in: the crop a refinement would get, twice); a refinement crops around the current mask and all
 clicks, at the network's refinement size (``config.refinement_size``, FocalClick's focus crop at a finer
 resolution: training cuts its corrective-click batches at that size too), the object's crop averaged with its
-mirror image's. Last, the mask's boundary is snapped to the image's edges (:mod:`napari_deepcrop.edges`). Time
-and memory depend on the crop, not on the image.
+mirror image's. Last, the mask's boundary is snapped to the image's edges (:mod:`napari_deepcrop.edges`), and
+from the object's PROGRESSIVE_MERGE_FROM-th click on, only the change connected to the newest click reaches the
+previous mask (FocalClick's progressive merge). Time and memory depend on the crop, not on the image.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from .checkpoint import load_checkpoint, load_first_click_model
 from .clicks import encode_clicks
-from .crops import Crop, PlacedMask, logits_extent, paste_logits, read_crop, warp_logits
+from .crops import Crop, PlacedMask, logits_extent, paste_logits, progressive_merge, read_crop, warp_logits
 from .edges import EDGE_SIDE, snap_to_edges
 from .model import DeepCropV2
 
@@ -43,6 +44,12 @@ FOCUS_FEATHER = 0.15
 # +0.014 +- 0.003). Unmirrored, a second pass by the first-click network gained +0.012 / +0.011, by the refining one
 # +0.016 / +0.014, and a third pass 0.001 more
 ZOOM_IN_PASSES = 2
+# from this click on (counting all of an object's clicks), a further click changes the previous mask only where the
+# new mask differs from it in the part connected to that click (FocalClick's progressive merge, which starts at the
+# 10th): late clicks fix their own error and leave the rest of the mask as it was. tiny_coco val2017, 192 objects,
+# NoC@90 paired against never: from the 3rd click +0.07 +- 0.14 snapped; 6th -0.17 +- 0.12 snapped, -0.33 +- 0.13
+# own mask; 8th -0.10 +- 0.09 snapped; 10th -0.07 +- 0.09 snapped, -0.25 +- 0.09 own mask
+PROGRESSIVE_MERGE_FROM = 6
 STATS_PIXELS = 1_000_000
 # a lazy (dask, zarr) image loads every chunk a crop touches, strided or not: a first click reads at most this
 # square of it (objects up to about this size), not up to the whole image
@@ -266,6 +273,8 @@ class DeepCropPredictor:
         # -0.19 +- 0.14; the first click's scales mirrored too -0.11 +- 0.15 and mIoU@1 -0.002, the focus crop too
         # -0.04 +- 0.04 / -0.01 +- 0.05: neither is mirrored
         self.flip_average = True
+        # progressive merge (PROGRESSIVE_MERGE_FROM) from this many clicks on; None: never
+        self.progressive_merge_from: int | None = PROGRESSIVE_MERGE_FROM
         if self.device.type == "cpu":
             # trained weights hold denormal floats, which x86 CPUs compute slowly; flushing them to zero changes
             # no mask and speeds inference up (a process-wide setting, harmless for napari)
@@ -350,6 +359,9 @@ class DeepCropPredictor:
         if self.snap_edges:
             crop, chosen = self._snap(source, crop, chosen, points, labels)
         crop_mask, (row0, col0) = paste_logits(chosen, crop, source.shape)
+        if not first and self.progressive_merge_from is not None and len(points) >= self.progressive_merge_from:
+            merged = progressive_merge(PlacedMask(crop_mask, (row0, col0), source.shape), prev_mask, points[-1])
+            crop_mask, (row0, col0) = merged.crop, merged.origin
         score = float(scores[best])
         if return_crop:
             return crop_mask, (row0, col0), score
