@@ -213,8 +213,10 @@ def progressive_merge(new: PlacedMask, prev: PlacedMask, point) -> PlacedMask:
     boxes = [m.bbox for m in (new, prev) if m.crop.size] + [(slice(row, row + 1), slice(col, col + 1))]
     r0, r1 = min(b[0].start for b in boxes), max(b[0].stop for b in boxes)
     c0, c1 = min(b[1].start for b in boxes), max(b[1].stop for b in boxes)
-    window = (slice(r0, r1), slice(c0, c1))
-    before, after = prev[window], new[window]
+    before, after = np.zeros((r1 - r0, c1 - c0), bool), np.zeros((r1 - r0, c1 - c0), bool)
+    for mask, out in ((prev, before), (new, after)):
+        (row0, col0), (h, w) = mask.origin, mask.crop.shape
+        out[row0 - r0 : row0 - r0 + h, col0 - c0 : col0 - c0 + w] = mask.crop
     diff = before ^ after
     at = (row - r0, col - c0)
     if not diff[at]:
