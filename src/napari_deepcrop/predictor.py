@@ -331,7 +331,8 @@ class DeepCropPredictor:
         Returns (mask (H, W) bool, score), or with ``return_crop`` (mask of its bounding box, (row0, col0),
         score): the same mask without allocating anything of image size. ``prev_mask``, the current mask of
         this object, is a full (H, W) mask or, for large images, a :class:`~napari_deepcrop.crops.PlacedMask`.
-        ``score`` in [0, 1] is the network's own estimate of its IoU.
+        ``score`` in [0, 1] is the network's own estimate of its IoU. From ``progressive_merge_from`` clicks on (the
+        last point the newest click), only the change connected to the newest click reaches ``prev_mask``.
 
         ``alternative`` (without ``prev_mask``: a first click) picks the first click's scale ranked that far down
         by score, 0 the best: the other masks a click on an ambiguous object (a shirt or its wearer) can mean, as
