@@ -114,7 +114,11 @@ def test_placed_mask_slices_like_the_full_mask():
     full[20:50, 10:40] = rng.random((30, 30)) > 0.5
     placed = PlacedMask.from_full(full)
     assert placed.crop.shape == (30, 30) and placed.origin == (20, 10) and np.array_equal(placed.full(), full)
-    for key in [(slice(0, 90, 1), slice(0, 70, 1)), (slice(15, 60, 3), slice(5, 70, 2)), (slice(60, 90), slice(0, 9))]:
+    keys = [(slice(0, 90, 1), slice(0, 70, 1)), (slice(15, 60, 3), slice(5, 70, 2)), (slice(60, 90), slice(0, 9))]
+    # windows overlapping the crop in part, inside it, and empty
+    keys += [(slice(25, 80), slice(30, 60)), (slice(0, 30), slice(0, 20)), (slice(22, 40), slice(12, 35))]
+    keys += [(slice(5, 5), slice(0, 70)), (slice(40, 30), slice(0, 70))]
+    for key in keys:
         assert np.array_equal(placed[key], full[key])
 
 

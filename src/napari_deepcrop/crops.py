@@ -194,11 +194,19 @@ class PlacedMask:
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         """``mask[r0:r1:step, c0:c1:step]`` of the full mask, built from the crop alone."""
-        rows = np.arange(*key[0].indices(self.shape[0])) - self.origin[0]
-        cols = np.arange(*key[1].indices(self.shape[1])) - self.origin[1]
+        rows, cols = (range(*k.indices(n)) for k, n in zip(key, self.shape, strict=True))
+        (o_r, o_c), (h, w) = self.origin, self.crop.shape
+        if rows.step == 1 and cols.step == 1:  # a window: the crop's overlap with it copied in by slicing
+            out = np.zeros((len(rows), len(cols)), bool)
+            r0, r1 = max(rows.start, o_r), min(rows.stop, o_r + h)
+            c0, c1 = max(cols.start, o_c), min(cols.stop, o_c + w)
+            if r1 > r0 and c1 > c0:
+                inside = self.crop[r0 - o_r : r1 - o_r, c0 - o_c : c1 - o_c]
+                out[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = inside
+            return out
+        rows, cols = np.asarray(rows, np.intp) - o_r, np.asarray(cols, np.intp) - o_c
         out = np.zeros((len(rows), len(cols)), bool)
-        keep_r = (rows >= 0) & (rows < self.crop.shape[0])
-        keep_c = (cols >= 0) & (cols < self.crop.shape[1])
+        keep_r, keep_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
         out[np.ix_(keep_r, keep_c)] = self.crop[np.ix_(rows[keep_r], cols[keep_c])]
         return out
 
@@ -213,10 +221,8 @@ def progressive_merge(new: PlacedMask, prev: PlacedMask, point) -> PlacedMask:
     boxes = [m.bbox for m in (new, prev) if m.crop.size] + [(slice(row, row + 1), slice(col, col + 1))]
     r0, r1 = min(b[0].start for b in boxes), max(b[0].stop for b in boxes)
     c0, c1 = min(b[1].start for b in boxes), max(b[1].stop for b in boxes)
-    before, after = np.zeros((r1 - r0, c1 - c0), bool), np.zeros((r1 - r0, c1 - c0), bool)
-    for mask, out in ((prev, before), (new, after)):
-        (row0, col0), (h, w) = mask.origin, mask.crop.shape
-        out[row0 - r0 : row0 - r0 + h, col0 - c0 : col0 - c0 + w] = mask.crop
+    window = (slice(r0, r1), slice(c0, c1))
+    before, after = prev[window], new[window]
     diff = before ^ after
     at = (row - r0, col - c0)
     if not diff[at]:
