@@ -211,6 +211,15 @@ class PlacedMask:
         return out
 
 
+def enclosing_window(*boxes: tuple[slice, slice]) -> tuple[slice, slice]:
+    """The smallest (rows, cols) window that holds every box (each a (rows, cols) pair of unit-step slices)."""
+    rows, cols = zip(*boxes, strict=True)
+    return (
+        slice(min(b.start for b in rows), max(b.stop for b in rows)),
+        slice(min(b.start for b in cols), max(b.stop for b in cols)),
+    )
+
+
 def progressive_merge(new: PlacedMask, prev: PlacedMask, point) -> PlacedMask:
     """FocalClick's progressive merge: ``prev`` changed only by the part of where ``new`` differs from it that is
     connected (8-connected) to the click at ``point`` (row, col): added where the click's pixel was outside ``prev``,
@@ -218,10 +227,9 @@ def progressive_merge(new: PlacedMask, prev: PlacedMask, point) -> PlacedMask:
     merge: ``new`` itself. Only the two masks' boxes are read."""
     shape = new.shape
     row, col = (int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(point, shape, strict=True))
-    boxes = [m.bbox for m in (new, prev) if m.crop.size] + [(slice(row, row + 1), slice(col, col + 1))]
-    r0, r1 = min(b[0].start for b in boxes), max(b[0].stop for b in boxes)
-    c0, c1 = min(b[1].start for b in boxes), max(b[1].stop for b in boxes)
-    window = (slice(r0, r1), slice(c0, c1))
+    boxes = [m.bbox for m in (new, prev) if m.crop.size]
+    window = enclosing_window(*boxes, (slice(row, row + 1), slice(col, col + 1)))
+    r0, c0 = window[0].start, window[1].start
     before, after = prev[window], new[window]
     diff = before ^ after
     at = (row - r0, col - c0)

@@ -38,7 +38,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .crops import PlacedMask
+from .crops import PlacedMask, enclosing_window
 from .predictor import ChannelStack, ImageSource
 from .session import ObjectMask
 
@@ -156,10 +156,8 @@ class VolumeObject:
 
 def mask_iou(a: PlacedMask, b: PlacedMask) -> float:
     """IoU of two placed masks of one image, from their crops alone."""
-    (ar, ac), (br, bc) = a.bbox, b.bbox
-    rows = slice(min(ar.start, br.start), max(ar.stop, br.stop))
-    cols = slice(min(ac.start, bc.start), max(ac.stop, bc.stop))
-    ma, mb = a[rows, cols], b[rows, cols]
+    window = enclosing_window(a.bbox, b.bbox)
+    ma, mb = a[window], b[window]
     union = int((ma | mb).sum())
     return int((ma & mb).sum()) / union if union else 0.0
 
