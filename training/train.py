@@ -401,7 +401,8 @@ def _split_objects(everything: CocoObjects, train: CocoObjects, share: float) ->
 def param_groups(model: DeepCropV2, lr: float, trunk_lr_mult: float = 1.0) -> list[dict]:
     """The trained parameters as optimizer groups: the trunk's at ``lr * trunk_lr_mult`` but for its first
     convolution (its click filters start new), everything else at ``lr``; one group at ``lr`` when the share is 1.
-    RITM trains its backbone at 0.1 of the rate; on this project's data that cost 1.4 clicks at 90 % (README)."""
+    RITM trains its backbone at 0.1 of the rate; on this project's data that cost 1.4 clicks at 90 %
+    (docs/measurements.md)."""
     first = {id(p) for p in model.trunk.first_conv.parameters()}
     fast, slow = [], []
     for name, param in model.named_parameters():
