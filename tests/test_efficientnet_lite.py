@@ -9,6 +9,7 @@ from napari_deepcrop.efficientnet_lite import (
     LITE_MEAN,
     LITE_SCALING,
     LITE_STD,
+    Conv2dSame,
     EfficientNetLite,
     load_imagenet,
     map_efficientnet_pytorch_keys,
@@ -65,6 +66,38 @@ def test_the_definition_is_timms_tensorflow_efficientnet_lite0():
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
             torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("kernel", "stride", "groups"), [(3, 2, 1), (3, 2, 6), (5, 2, 6), (3, 1, 6), (1, 2, 1)])
+def test_same_padding_without_padding_the_input(kernel, stride, groups, channels_last):
+    """Conv2dSame's zero kernel taps in place of padding the input: TensorFlow's "SAME" output (the input padded
+    with total // 2 zeros before and the rest after, then convolved), at even and odd sizes, and its gradients."""
+    torch.manual_seed(0)
+    conv = Conv2dSame(6, 12, kernel, stride, 0, groups=groups, bias=True)
+    for height, width in [(16, 16), (15, 15), (16, 13), (9, 14)]:
+        x = torch.randn(2, 6, height, width, requires_grad=True)
+        if channels_last:
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        pads = []
+        for size in (width, height):  # F.pad's order: the last dimension first
+            total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        expected = F.conv2d(F.pad(x, pads), conv.weight, conv.bias, stride, 0, 1, groups)
+        out = conv(x)
+        assert out.shape == (2, 12, -(-height // stride), -(-width // stride))
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, conv.weight), grad)
+        want = torch.autograd.grad(expected, (x, conv.weight), grad)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_same_padding_refuses_padding_and_dilation_of_its_own():
+    for kwargs in ({"padding": 1}, {"dilation": 2}):
+        with pytest.raises(ValueError, match="no padding and no dilation"):
+            Conv2dSame(3, 8, 3, 2, **kwargs)
 
 
 def test_pretrained_deepcrop_starts_with_the_imagenet_trunk():

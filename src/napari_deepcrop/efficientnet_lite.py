@@ -50,14 +50,28 @@ HEAD_CHANNELS = 1280
 
 
 class Conv2dSame(nn.Conv2d):
-    """A convolution with TensorFlow's "SAME" padding: output size ceil(input / stride), extra padding after."""
+    """A convolution with TensorFlow's "SAME" padding: output size ceil(input / stride), extra padding after.
+
+    Where a side needs one more row (column) of zeros after the input than before it (a stride-2 convolution of
+    an even size), the kernel gets a zero first row (column) and both sides that one more: the same products, as
+    padding the input gives, without copying the input (``F.pad`` of the activations; docs/measurements.md,
+    *Speed*). The outputs are those of padding the input to float rounding (tests/test_efficientnet_lite.py; bit
+    for bit in the bundled networks on this project's CPUs).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.dilation != (1, 1) or self.padding != (0, 0):
+            raise ValueError("Conv2dSame pads as TensorFlow does: it takes no padding and no dilation")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride), strict=True):
+        padding, shift = [], []
+        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
+            shift.append(total % 2)  # 1: one more zero after than before
+            padding.append(total // 2 + total % 2)
+        weight = F.pad(self.weight, [shift[1], 0, shift[0], 0]) if any(shift) else self.weight
+        return F.conv2d(x, weight, self.bias, self.stride, tuple(padding), 1, self.groups)
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
