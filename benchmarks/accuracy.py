@@ -21,6 +21,7 @@ from typing import Any
 
 from napari_deepcrop.training.baselines import GrabCutClicks, MagicWand, RandomWalkerClicks
 from napari_deepcrop.training.evaluate import (
+    COCO_SMALL_AREA,
     ClickSegmenter,
     add_first_click_option,
     evaluate_dataset,
@@ -89,6 +90,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_first_click_option(parser)
     parser.add_argument("--limit", type=int, default=None, help="a fixed-seed random subset of N images")
+    parser.add_argument(
+        "--min-area", type=float, default=COCO_SMALL_AREA,
+        help=f"COCO datasets: objects larger than this many pixels (default {COCO_SMALL_AREA}, COCO's 'small' limit; "
+        "0 for all, e.g. cell nuclei)",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=None, help="write summaries and IoU curves as JSON")
     return parser
 
@@ -143,11 +149,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.alternatives < 1:
         parser.error(f"--alternatives must be at least 1, got {args.alternatives}")
-    samples = list(load_dataset(args.dataset, max_instances=args.limit))
+    samples = list(load_dataset(args.dataset, max_instances=args.limit, min_area=args.min_area))
     report: dict[str, Any] = {
         "machine": machine(),
         "dataset": str(args.dataset.resolve()),
         "objects": len(samples),
+        "min_area": args.min_area,
         "max_clicks": args.max_clicks,
         "checkpoint": args.checkpoint or "bundled",
         "first_click_network": args.first_click_network,

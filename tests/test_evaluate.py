@@ -455,3 +455,25 @@ def test_with_alternatives_the_user_keeps_the_best_of_the_first_clicks_masks():
     assert len(result.seconds) == len(result.clicks) == 2
     many = run_protocol(AlternativesSegmenter(scripted, others), np.zeros((20, 20, 3)), gt, alternatives=10)
     assert many.ious[0] == pytest.approx(0.9)  # no more than the segmenter has
+
+
+def test_coco_loader_reads_the_plugins_own_export_and_names_a_missing_image(tmp_path):
+    """`napari-deepcrop export` writes the json beside its images, not in COCO's annotations/ layout: evaluation
+    finds them there as training and the reader do (it used to look only in ../<split>/ and fail)."""
+    from napari_deepcrop.coco import export_label_folders
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    image = np.zeros((64, 64), np.uint16)
+    image[8:40, 8:40] = 3000  # a 12-bit frame with one 32 x 32 object
+    labels = (image > 0).astype(np.uint8)
+    iio.imwrite(tmp_path / "images" / "frame.tif", image)
+    iio.imwrite(tmp_path / "labels" / "frame.tif", labels)
+    json_path = export_label_folders(tmp_path / "images", tmp_path / "labels", tmp_path / "export")
+    samples = list(load_coco(json_path, min_area=100))
+    assert [s.name for s in samples] == ["frame#1"]
+    assert samples[0].image.dtype == np.uint16 and np.array_equal(samples[0].image, image)  # as stored
+    assert np.array_equal(samples[0].gt, labels > 0)
+    (json_path.parent / "frame.tif").unlink()
+    with pytest.raises(FileNotFoundError, match="frame.tif"):
+        list(load_coco(json_path, min_area=100))

@@ -697,3 +697,59 @@ def test_a_first_click_network_of_the_initial_checkpoint_is_kept_through_trainin
     assert kept.config == first.config
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), kept.state_dict().values(), strict=True))
     assert load_first_click_model(read_checkpoint(init)) is not None
+
+
+def _twelve_bit_disk(size=96, seed=0):
+    """A microscope's 12-bit frame stored in uint16: a bright disk (~3,000) on a dim background (~200)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    mask = (yy - size / 2) ** 2 + (xx - size / 2.5) ** 2 < (size / 4) ** 2
+    image = np.where(mask, 3000.0, 200.0) + rng.normal(0, 40, (size, size))
+    return np.clip(image, 0, 4095).astype(np.uint16), mask.astype(np.uint16)
+
+
+def test_training_sees_an_exported_12_bit_image_as_the_predictor_does(tmp_path):
+    """The widget exports a microscope's uint16 pixels as they are; training must scale them as the predictor
+    scales the same array (its percentiles), not as 8-bit readers do (values / 256: a black image)."""
+    from napari_deepcrop.coco import CocoEntry, write_coco_dataset
+    from napari_deepcrop.predictor import ImageSource
+    from napari_deepcrop.training.data import CocoObjects, CocoSource
+
+    image, labels = _twelve_bit_disk()
+    json_path = write_coco_dataset(tmp_path, [CocoEntry(image, labels)])
+    data = CocoObjects([CocoSource.from_paths(json_path)], DeepCropConfig(input_size=64), False, 100)
+    seen = ImageSource.from_array(image).to_float(image) * 255
+    assert data.images[0].dtype == np.uint8 and data.images[0].shape == (96, 96, 3)
+    assert np.abs(data.images[0] - seen).max() <= 0.5 + 1e-4
+    inside, outside = data.images[0][labels > 0].mean(), data.images[0][labels == 0].mean()
+    assert inside > 200 and outside < 40
+    sample = data[(0, 0)]  # the crop the network trains on keeps that contrast
+    crop, mask = sample["image"].mean(0), sample["mask"][0] > 0.5
+    assert crop[mask].mean() > 0.8 and crop[~mask].mean() < 0.2
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_training_reads_8_bit_images_unchanged(tmp_path, channels):
+    """8-bit pixels reach training as stored (a gray image in all three channels), as before the predictor's
+    scaling was shared: the bundled model's recipe trains on exactly the pixels it always did."""
+    from napari_deepcrop.training.data import CocoObjects, CocoSource
+
+    path = write_synthetic_coco(tmp_path, n_images=2)
+    rgb = np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    stored = rgb if channels == 3 else rgb[..., 0]
+    cv2.imwrite(str(tmp_path / "img1.png"), stored[..., ::-1] if channels == 3 else stored)
+    data = CocoObjects([CocoSource.from_paths(path)], DeepCropConfig(input_size=64), False, 100)
+    expected = rgb if channels == 3 else np.repeat(rgb[..., :1], 3, axis=-1)
+    assert np.array_equal(data.images[0], expected)
+
+
+def test_training_names_an_unreadable_or_missing_image(tmp_path):
+    from napari_deepcrop.training.data import CocoObjects, CocoSource
+
+    path = write_synthetic_coco(tmp_path, n_images=2)
+    (tmp_path / "img2.png").write_bytes(b"not a png")
+    with pytest.raises(FileNotFoundError, match="cannot read image .*img2.png"):
+        CocoObjects([CocoSource.from_paths(path)], DeepCropConfig(input_size=64), False, 100)
+    (tmp_path / "img2.png").unlink()
+    with pytest.raises(FileNotFoundError, match="img2.png"):
+        CocoObjects([CocoSource.from_paths(path)], DeepCropConfig(input_size=64), False, 100)

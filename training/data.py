@@ -26,9 +26,12 @@ from scipy import ndimage
 from torch.utils.data import Dataset, Sampler
 
 from napari_deepcrop.clicks import encode_clicks
+from napari_deepcrop.coco import find_images
 from napari_deepcrop.crops import Crop, PlacedMask, read_crop
 from napari_deepcrop.model import DeepCropConfig
-from napari_deepcrop.predictor import first_click_sides
+from napari_deepcrop.predictor import ImageSource, first_click_sides
+
+from .evaluate import read_image
 
 MAX_CLICKS = 24
 # object extent / crop side, drawn log-uniformly: wider than the predictor's scale steps, so that the score head
@@ -48,24 +51,15 @@ CLICK_POWER = 2.0
 
 @dataclass(frozen=True)
 class CocoSource:
-    """One COCO annotation file and the folder its ``file_name`` entries are relative to."""
+    """One COCO annotation file and the folder its ``file_name`` entries are relative to (None: looked for as
+    :func:`napari_deepcrop.coco.read_coco_dataset` does, beside the json or in COCO's own layout)."""
 
     annotation_file: Path
-    images_dir: Path
+    images_dir: Path | None = None
 
     @classmethod
     def from_paths(cls, annotation_file: str | Path, images_dir: str | Path | None = None) -> CocoSource:
-        annotation_file = Path(annotation_file)
-        if images_dir is None:
-            images_dir = default_images_dir(annotation_file)
-        return cls(annotation_file, Path(images_dir))
-
-
-def default_images_dir(annotation_file: Path) -> Path:
-    """COCO layout (annotations/instances_val2017.json -> val2017/) or this plugin's export (images beside it)."""
-    stem = annotation_file.stem.split("_", 1)[-1]
-    candidate = annotation_file.parent.parent / stem
-    return candidate if annotation_file.parent.name == "annotations" and candidate.is_dir() else annotation_file.parent
+        return cls(Path(annotation_file), None if images_dir is None else Path(images_dir))
 
 
 @dataclass(frozen=True)
@@ -81,10 +75,18 @@ def _load_coco(path: Path) -> COCO:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"cannot read image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """An image file as the predictor sees it, stored as RGB uint8: read as stored, then scaled by the predictor's
+    own rule (:class:`~napari_deepcrop.predictor.ImageSource`: 8-bit as it is, other types such as a
+    microscope's 12- or 16-bit by their 0.5 and 99.5 percentiles; one channel repeated in all three)."""
+    try:
+        image = read_image(path)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"cannot read image {path}: {error}") from error
+    try:
+        rgb = ImageSource.from_array(image).to_float(image)
+    except ValueError as error:
+        raise ValueError(f"image {path}: {error}") from error
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
 
 
 class CocoObjects(Dataset):
@@ -120,6 +122,7 @@ class CocoObjects(Dataset):
         self.objects: list[ObjectRef] = []
         seen: set[str] = set(exclude)
         for source_index, (source, coco) in enumerate(zip(sources, self.cocos, strict=True)):
+            wanted: list[tuple[int, list[dict]]] = []
             for image_id in sorted(coco.getImgIds()):
                 info = coco.imgs[image_id]
                 name = Path(info["file_name"]).name
@@ -133,9 +136,13 @@ class CocoObjects(Dataset):
                 if not anns:
                     continue
                 seen.add(name)
+                wanted.append((image_id, anns))
+            # every file looked for before the first is decoded: a missing one is named at once, with the others
+            files = find_images(source.annotation_file, [coco.imgs[i] for i, _ in wanted], source.images_dir)
+            for image_id, anns in wanted:
                 image_index = len(self.images)
-                self.images.append(_read_rgb(source.images_dir / info["file_name"]))
-                self.file_names.append(name)
+                self.images.append(_read_rgb(files[image_id]))
+                self.file_names.append(Path(coco.imgs[image_id]["file_name"]).name)
                 self.objects.extend(ObjectRef(image_index, source_index, a) for a in anns)
         if not self.objects:
             raise ValueError(

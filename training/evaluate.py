@@ -360,14 +360,6 @@ def load_image_mask_folder(
     return _load_folder(root / "img", root / "gt", None, max_instances, seed)
 
 
-def _default_coco_images_dir(annotation_file: Path) -> Path:
-    """COCO's own layout: ``annotations/instances_val2017.json`` beside ``val2017/``."""
-    images_dir = annotation_file.parent.parent / annotation_file.stem.split("_", 1)[-1]
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"no image folder {images_dir} for {annotation_file}; pass images_dir")
-    return images_dir
-
-
 def load_coco(
     annotation_file: str | Path,
     images_dir: str | Path | None = None,
@@ -377,12 +369,15 @@ def load_coco(
 ) -> Iterator[Sample]:
     """Every non-crowd COCO object above ``min_area`` pixels is one sample, read through pycocotools.
 
-    Samples come grouped by image so that each image is read once.
+    Samples come grouped by image so that each image is read once. Images are looked for in ``images_dir``, else
+    as :func:`napari_deepcrop.coco.read_coco_dataset` does (beside the json: the plugin's exports; COCO's own
+    layout).
     """
     from pycocotools.coco import COCO
 
+    from napari_deepcrop.coco import find_images
+
     annotation_file = Path(annotation_file)
-    images_dir = Path(images_dir) if images_dir else _default_coco_images_dir(annotation_file)
     # pycocotools prints its progress to stdout, where our table goes
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(annotation_file))
@@ -390,11 +385,13 @@ def load_coco(
     anns = sorted(
         (coco.anns[a] for a in _subset(ann_ids, max_instances, seed)), key=lambda a: (a["image_id"], a["id"])
     )
+    # looked for as everywhere else in the package (beside the json, or COCO's own layout); a missing one is named
+    files = find_images(annotation_file, [coco.imgs[i] for i in dict.fromkeys(a["image_id"] for a in anns)], images_dir)
     image_id, image = None, None
     for ann in anns:
         info = coco.imgs[ann["image_id"]]
         if ann["image_id"] != image_id:
-            image_id, image = ann["image_id"], read_image(images_dir / info["file_name"])
+            image_id, image = ann["image_id"], read_image(files[ann["image_id"]])
         yield Sample(f"{Path(info['file_name']).stem}#{ann['id']}", image, coco.annToMask(ann).astype(bool))
 
 
