@@ -101,14 +101,22 @@ def test_held_out_share_of_objects_within_one_image(export):
     assert train_set is val_set  # one image split by images: nothing can be held out
 
 
-def test_finetuning_keeps_the_first_click_network_of_its_starting_model(export, tmp_path):
-    """Training tunes the refining network; a first-click network of the starting checkpoint goes with it unchanged."""
+def test_the_finetuned_network_reads_first_clicks_too(export, tmp_path):
+    """A first-click network of the starting checkpoint (the bundled file's, trained on photographs) is left out of
+    the fine-tuned file, so that the network tuned on the user's images reads their first clicks too; it trains on
+    the first click's scales (ladder crops) to rank them. The starting file keeps its own."""
     from napari_deepcrop.checkpoint import load_first_click_model
+    from napari_deepcrop.finetune import LADDER_PROB
+    from napari_deepcrop.predictor import DeepCropPredictor
 
     torch.manual_seed(0)
     first = DeepCropV2(DeepCropConfig(input_size=64, click_encoding="disk")).eval()
     init = save_checkpoint(tmp_path / "two.pt", DeepCropV2(DeepCropConfig(input_size=64)), first_click_model=first)
     result = finetune(export, 1, init, batch_size=2, device="cpu")
-    kept = load_first_click_model(read_checkpoint(result.checkpoint))
-    assert kept is not None and kept.config == first.config
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), kept.state_dict().values(), strict=True))
+    payload = read_checkpoint(result.checkpoint)
+    assert load_first_click_model(payload) is None
+    assert load_first_click_model(read_checkpoint(init)) is not None
+    args = payload["meta"]["args"]
+    assert args["drop_first_click_network"] and args["ladder_prob"] == LADDER_PROB > 0
+    assert DeepCropPredictor.from_checkpoint(result.checkpoint, device="cpu").first_click_model is None
+    assert DeepCropPredictor.from_checkpoint(init, device="cpu").first_click_model is not None

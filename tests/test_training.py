@@ -753,3 +753,18 @@ def test_training_names_an_unreadable_or_missing_image(tmp_path):
     (tmp_path / "img2.png").unlink()
     with pytest.raises(FileNotFoundError, match="img2.png"):
         CocoObjects([CocoSource.from_paths(path)], DeepCropConfig(input_size=64), False, 100)
+
+
+def test_drop_first_click_network_leaves_it_out_of_the_runs_checkpoints(coco, tmp_path):
+    """--drop-first-click-network: the run's checkpoints, resumed or not, hold the trained network alone."""
+    from napari_deepcrop.checkpoint import load_first_click_model
+
+    torch.manual_seed(0)
+    first = DeepCropV2(DeepCropConfig(input_size=64, click_encoding="disk")).eval()
+    init = save_checkpoint(tmp_path / "two.pt", DeepCropV2(DeepCropConfig(input_size=64)), first_click_model=first)
+    run = tmp_path / "run"
+    train.main(args_for(coco, run, "--init", str(init), "--max-steps", "1", "--drop-first-click-network"))
+    assert load_first_click_model(read_checkpoint(run / "checkpoint.pt")) is None
+    train.main(args_for(coco, run, "--max-steps", "2", "--resume", str(run / "checkpoint.pt")))
+    payload = read_checkpoint(run / "checkpoint.pt")
+    assert payload["step"] == 2 and load_first_click_model(payload) is None

@@ -86,6 +86,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--resume", type=Path, help="a training checkpoint to continue exactly")
     p.add_argument("--init", type=Path, help="a checkpoint whose weights start this run (fine-tuning)")
+    p.add_argument(
+        "--drop-first-click-network", action="store_true",
+        help="leave a first-click network of --init out of the run's checkpoints, so that the trained network reads "
+        "first clicks too (fine-tuning on images unlike the first-click network's: the widget's fine-tune does)",
+    )  # fmt: skip
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke tests)")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--seed", type=int, default=0)
@@ -462,7 +467,8 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal weights and gradients slow CPU training by up to 2x
     resume = read_checkpoint(args.resume) if args.resume else None
-    # a first-click network the starting checkpoint holds (the bundled one does) goes into every checkpoint unchanged
+    # a first-click network the starting checkpoint holds (the bundled one does) goes into every checkpoint unchanged,
+    # unless --drop-first-click-network leaves it out (then a resumed run's checkpoint has none either)
     first_click_model = None
     if resume is not None:
         config = DeepCropConfig.from_dict(resume["config"])
@@ -471,7 +477,8 @@ def main(args: argparse.Namespace, on_step: Callable[[int], None] | None = None)
         first_click_model = load_first_click_model(resume, args.resume)
     elif args.init is not None:
         init_model, init_payload = load_checkpoint(args.init)
-        first_click_model = load_first_click_model(init_payload, args.init)
+        if not args.drop_first_click_network:
+            first_click_model = load_first_click_model(init_payload, args.init)
         _check_init_architecture(args, init_model.config)
         if args.score_head is not None and args.score_head != init_model.config.score_head:
             init_model = init_model.with_score_head(args.score_head)
