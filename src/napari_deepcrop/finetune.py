@@ -84,7 +84,8 @@ def finetune(
     The fine-tuned network reads every click, first clicks too: a first-click network of ``init`` (the bundled
     file has one, trained on photographs) is left out, having learnt nothing of the user's images. On cell nuclei
     the fine-tuned network alone took the first click's mean IoU from 0.31 to 0.79, where keeping the bundled
-    first-click network left it at 0.35 (docs/measurements.md, "Fine-tuning on cell nuclei").
+    first-click network left it at 0.35; on photographs like the bundled networks' own data it costs the first
+    click (0.64 to 0.59 on half of tiny_coco val2017): docs/measurements.md, "Fine-tuning on cell nuclei".
     """
     from .training import train  # torch, cv2 and pycocotools' training side: only when fine-tuning
 
