@@ -122,7 +122,7 @@ class CocoObjects(Dataset):
         self.objects: list[ObjectRef] = []
         seen: set[str] = set(exclude)
         for source_index, (source, coco) in enumerate(zip(sources, self.cocos, strict=True)):
-            wanted: list[tuple[int, list[dict]]] = []
+            wanted: list[tuple[int, str, list[dict]]] = []
             for image_id in sorted(coco.getImgIds()):
                 info = coco.imgs[image_id]
                 name = Path(info["file_name"]).name
@@ -136,13 +136,13 @@ class CocoObjects(Dataset):
                 if not anns:
                     continue
                 seen.add(name)
-                wanted.append((image_id, anns))
+                wanted.append((image_id, name, anns))
             # every file looked for before the first is decoded: a missing one is named at once, with the others
-            files = find_images(source.annotation_file, [coco.imgs[i] for i, _ in wanted], source.images_dir)
-            for image_id, anns in wanted:
+            files = find_images(source.annotation_file, [coco.imgs[i] for i, _, _ in wanted], source.images_dir)
+            for image_id, name, anns in wanted:
                 image_index = len(self.images)
                 self.images.append(_read_rgb(files[image_id]))
-                self.file_names.append(Path(coco.imgs[image_id]["file_name"]).name)
+                self.file_names.append(name)
                 self.objects.extend(ObjectRef(image_index, source_index, a) for a in anns)
         if not self.objects:
             raise ValueError(
