@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 from synthetic import disks
@@ -101,22 +102,125 @@ def test_held_out_share_of_objects_within_one_image(export):
     assert train_set is val_set  # one image split by images: nothing can be held out
 
 
-def test_the_finetuned_network_reads_first_clicks_too(export, tmp_path):
-    """A first-click network of the starting checkpoint (the bundled file's, trained on photographs) is left out of
-    the fine-tuned file, so that the network tuned on the user's images reads their first clicks too; it trains on
-    the first click's scales (ladder crops) to rank them. The starting file keeps its own."""
+@pytest.fixture
+def two_network_checkpoint(tmp_path):
+    """A checkpoint holding a first-click network beside its refining one, as the bundled file does."""
+    torch.manual_seed(0)
+    first = DeepCropV2(DeepCropConfig(input_size=64, click_encoding="disk")).eval()
+    return save_checkpoint(tmp_path / "two.pt", DeepCropV2(DeepCropConfig(input_size=64)), first_click_model=first)
+
+
+def test_the_finetuned_network_learns_to_read_first_clicks(export, two_network_checkpoint):
+    """The run trains the network on the first click's scales (ladder crops) with the starting checkpoint's
+    first-click network left out; the fine-tuned file holds that network only if it was measured the better reader
+    of the held-out objects' first clicks. The starting file keeps its own."""
     from napari_deepcrop.checkpoint import load_first_click_model
     from napari_deepcrop.finetune import LADDER_PROB
     from napari_deepcrop.predictor import DeepCropPredictor
 
-    torch.manual_seed(0)
-    first = DeepCropV2(DeepCropConfig(input_size=64, click_encoding="disk")).eval()
-    init = save_checkpoint(tmp_path / "two.pt", DeepCropV2(DeepCropConfig(input_size=64)), first_click_model=first)
-    result = finetune(export, 1, init, batch_size=2, device="cpu")
+    result = finetune(export, 1, two_network_checkpoint, batch_size=2, device="cpu")
     payload = read_checkpoint(result.checkpoint)
-    assert load_first_click_model(payload) is None
-    assert load_first_click_model(read_checkpoint(init)) is not None
     args = payload["meta"]["args"]
     assert args["drop_first_click_network"] and args["ladder_prob"] == LADDER_PROB > 0
-    assert DeepCropPredictor.from_checkpoint(result.checkpoint, device="cpu").first_click_model is None
-    assert DeepCropPredictor.from_checkpoint(init, device="cpu").first_click_model is not None
+    assert set(result.first_click) == {"fine-tuned", "starting"}
+    assert all(0.0 <= v <= 1.0 for v in result.first_click.values())
+    assert payload["meta"]["first_click"] == {**result.first_click, "kept": result.kept_first_click_network}
+    kept = DeepCropPredictor.from_checkpoint(result.checkpoint, device="cpu").first_click_model is not None
+    better = result.first_click["starting"] > result.first_click["fine-tuned"]
+    assert kept == result.kept_first_click_network == better
+    assert load_first_click_model(read_checkpoint(two_network_checkpoint)) is not None
+
+
+@pytest.mark.parametrize("starting_better", [True, False])
+def test_first_clicks_go_to_the_network_that_read_the_held_out_objects_better(
+    export, two_network_checkpoint, monkeypatch, starting_better
+):
+    """The choice is made on the held-out objects alone (never a training object), whole images and masks, and the
+    file and the summary follow it."""
+    from napari_deepcrop import finetune as finetune_module
+    from napari_deepcrop.checkpoint import load_first_click_model
+
+    seen = []
+
+    def measured(model, first_click_model, samples, device):
+        samples = list(samples)
+        seen.append(sorted(s.name for s in samples))
+        assert all(s.image.shape[:2] == s.gt.shape == (96, 96) and s.gt.any() for s in samples)
+        reads_first_clicks = model if first_click_model is None else first_click_model
+        assert reads_first_clicks.config.click_encoding == ("disk" if first_click_model is not None else "distance")
+        return 0.6 if (first_click_model is not None) == starting_better else 0.4
+
+    monkeypatch.setattr(finetune_module, "first_click_iou", measured)
+    result = finetune(export, 1, two_network_checkpoint, batch_size=2, device="cpu")
+    held_out = {f"disks#{obj.annotation['id']}" for obj in split_objects(export, 0.25)[1].objects}
+    assert len(seen) == 2 and seen[0] == seen[1] == sorted(held_out) and len(held_out) == result.held_out == 1
+    assert result.kept_first_click_network == starting_better
+    assert result.first_click == ({"fine-tuned": 0.4, "starting": 0.6} if starting_better else
+                                  {"fine-tuned": 0.6, "starting": 0.4})  # fmt: skip
+    kept = load_first_click_model(read_checkpoint(result.checkpoint))
+    assert (kept is not None) == starting_better
+    if starting_better:
+        assert kept.config.click_encoding == "disk"
+        assert "first clicks read by the starting model's first-click network" in result.summary
+    else:
+        assert "first clicks read by the new network" in result.summary
+
+
+def test_cancel_while_choosing_the_first_click_network_leaves_nothing(export, two_network_checkpoint):
+    """The choice runs after training, the progress callback called before each held-out object: a cancel there
+    leaves no file behind, as a cancel during training does."""
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def progress(phase, step):
+        calls.append((phase, step))
+        if calls.count(("after", 1)) == 2:  # the last step's report, then the first held-out object's
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(export, 1, two_network_checkpoint, batch_size=2, device="cpu", on_progress=progress)
+    assert sorted(p.name for p in export.parent.iterdir()) == ["annotations.json", "disks.png"]
+    assert read_checkpoint(two_network_checkpoint)["format"] == "napari-deepcrop"
+
+
+def test_without_a_first_click_network_nothing_is_chosen(export, tiny_checkpoint, monkeypatch):
+    from napari_deepcrop import finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "first_click_iou", lambda *a: pytest.fail("nothing to choose between"))
+    result = finetune(export, 1, tiny_checkpoint, batch_size=2, device="cpu")
+    assert result.first_click == {} and not result.kept_first_click_network
+    assert "first clicks" not in result.summary and "first_click" not in read_checkpoint(result.checkpoint)["meta"]
+
+
+def test_first_click_iou_is_the_predictors_first_click_with_that_network():
+    """The measure runs the predictor as a file holding both networks runs (the bundled one): the first-click
+    network reads the click; the same network in both roles measures as that network alone."""
+    from napari_deepcrop.checkpoint import default_checkpoint_path, load_first_click_model
+    from napari_deepcrop.finetune import first_click_iou
+    from napari_deepcrop.predictor import DeepCropPredictor
+    from napari_deepcrop.training.evaluate import Sample, mask_iou, next_click
+
+    image, labels = disks()
+    samples = [Sample(f"disk{k}", image, labels == k) for k in (1, 2, 3)]
+    model, payload = load_checkpoint(default_checkpoint_path())
+    first = load_first_click_model(payload)
+    predictor = DeepCropPredictor.from_checkpoint(None, device="cpu", snap_edges=False)
+    expected = []
+    for s in samples:
+        predictor.set_image(s.image)
+        row, col, _ = next_click(np.zeros_like(s.gt), s.gt, None, [])
+        expected.append(mask_iou(predictor.predict(np.array([[row, col]]), np.array([1]))[0], s.gt))
+    assert first_click_iou(model, first, samples, "cpu") == pytest.approx(np.mean(expected))
+    alone = first_click_iou(model, None, samples, "cpu")
+    assert first_click_iou(model, model, samples, "cpu") == pytest.approx(alone)
+    assert 0.0 < np.mean(expected) <= 1.0
+    assert alone != pytest.approx(np.mean(expected))  # a different network read the first clicks
+
+
+def split_objects(export, share):
+    args = train.parse_args(["--data-path", str(export), "--val-split-by", "objects", "--val-split", str(share),
+                             "--min-area", "100", "--input-size", "64"])  # fmt: skip
+    return train.build_datasets(args, train.model_config(args))
