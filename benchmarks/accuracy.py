@@ -82,6 +82,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="merge a further click's mask into the previous one progressively (FocalClick's) from this many "
         "clicks on, instead of the predictor's PROGRESSIVE_MERGE_FROM; 0: never",
     )  # fmt: skip
+    parser.add_argument(
+        "--snap-min-side", type=float, default=None,
+        help="snap a mask to edges only if its box is at least this many pixels on its longer side, instead of the "
+        "predictor's SNAP_MIN_SIDE; 0: every mask",
+    )  # fmt: skip
     parser.add_argument("--max-clicks", type=int, default=20)
     parser.add_argument(
         "--alternatives", type=int, default=1,
@@ -120,6 +125,8 @@ def make_segmenter(name: str, args: argparse.Namespace) -> ClickSegmenter:
             predictor.zoom_in_passes = args.zoom_in_passes
         if args.progressive_merge_from is not None:
             predictor.progressive_merge_from = args.progressive_merge_from or None
+        if args.snap_min_side is not None:
+            predictor.snap_min_side = args.snap_min_side
         predictor.flip_average = not args.no_flip_average
         return predictor
     return BASELINES[name]()
@@ -163,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "focus_ratio": args.focus_ratio,
         "zoom_in_passes": args.zoom_in_passes,
         "flip_average": not args.no_flip_average,
+        "snap_min_side": args.snap_min_side,
         "alternatives": args.alternatives,
         "first_click": args.first_click,
         "methods": {},

@@ -525,3 +525,21 @@ def test_clicks_from_progressive_merge_from_on_merge_into_the_previous_mask(disk
     assert merged[160, 130] and merged[60:80, 150:200].all()  # the click's error fixed, the other one kept
     p.progressive_merge_from = 4
     assert np.array_equal(p.predict(points, labels, prev_mask=prev)[0], plain)
+
+
+def test_edge_snapping_skips_masks_smaller_than_snap_min_side(disk_model):
+    """A mask whose box is shorter than ``snap_min_side`` on its longer side is the network's own; a larger one is
+    snapped as before. The disk is 81 pixels across."""
+    image, _ = disk_image(256, (128, 128), 40, seed=9)
+    click = (np.array([[128.0, 128.0]]), np.array([1]))
+    masks = {}
+    for name, snap, min_side in [("own", False, 0), ("snapped", True, 0), ("below", True, 82), ("above", True, 70)]:
+        p = DeepCropPredictor(disk_model, device="cpu", snap_edges=snap)
+        p.snap_min_side = min_side
+        p.set_image(image)
+        masks[name] = p.predict(*click)[0]
+    rows, cols = np.nonzero(masks["own"])
+    assert 70 < max(np.ptp(rows), np.ptp(cols)) + 1 < 82  # the network's mask is about the disk
+    assert not np.array_equal(masks["own"], masks["snapped"])  # snapping moves the boundary here
+    assert np.array_equal(masks["below"], masks["own"])
+    assert np.array_equal(masks["above"], masks["snapped"])
