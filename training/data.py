@@ -31,7 +31,7 @@ from napari_deepcrop.crops import Crop, PlacedMask, read_crop
 from napari_deepcrop.model import DeepCropConfig
 from napari_deepcrop.predictor import ImageSource, first_click_sides
 
-from .evaluate import Sample, read_image
+from .evaluate import Sample, coco_sample_name, read_image
 
 MAX_CLICKS = 24
 # object extent / crop side, drawn log-uniformly: wider than the predictor's scale steps, so that the score head
@@ -157,7 +157,7 @@ class CocoObjects(Dataset):
         and the predictor see it, and the object's mask."""
         for obj in self.objects:
             mask = self.cocos[obj.source_index].annToMask(obj.annotation).astype(bool)
-            name = f"{Path(self.file_names[obj.image_index]).stem}#{obj.annotation['id']}"
+            name = coco_sample_name(self.file_names[obj.image_index], obj.annotation["id"])
             yield Sample(name, self.images[obj.image_index], mask)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:

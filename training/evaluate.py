@@ -360,6 +360,11 @@ def load_image_mask_folder(
     return _load_folder(root / "img", root / "gt", None, max_instances, seed)
 
 
+def coco_sample_name(file_name: str, annotation_id: int) -> str:
+    """A COCO object's sample name: its image's file stem and its annotation id (``000000397133#1768``)."""
+    return f"{Path(file_name).stem}#{annotation_id}"
+
+
 def load_coco(
     annotation_file: str | Path,
     images_dir: str | Path | None = None,
@@ -392,7 +397,7 @@ def load_coco(
         info = coco.imgs[ann["image_id"]]
         if ann["image_id"] != image_id:
             image_id, image = ann["image_id"], read_image(files[ann["image_id"]])
-        yield Sample(f"{Path(info['file_name']).stem}#{ann['id']}", image, coco.annToMask(ann).astype(bool))
+        yield Sample(coco_sample_name(info["file_name"], ann["id"]), image, coco.annToMask(ann).astype(bool))
 
 
 def load_dataset(
